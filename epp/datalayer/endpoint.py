@@ -1,0 +1,105 @@
+"""Endpoint state: one model-server rank (``podIP:port``) as the picker sees it.
+
+An endpoint's state has two sources that age differently:
+
+* ``metrics`` is what the model server last published on ``/metrics`` (scraped in the
+  background every ``--refresh-metrics-interval``); it lags reality by up to one interval.
+* ``inflight`` / ``inflight_tokens`` are the picker's own counts of requests it sent there
+  and that have not finished yet. They are updated synchronously at pick time, so a burst of
+  requests between two scrapes does not pile onto the pod that looked idle at the last scrape.
+
+Scorers read both. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+def format_hostport(address: str, port: int) -> str:
+    """``ip:port``, bracketing IPv6 addresses the way Envoy and GIE expect."""
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+def parse_hostport(value: str) -> tuple[str, int | None]:
+    """Split ``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port`` into (ip, port or None).
+
+    Raises ValueError naming the value when it is not an address.
+    """
+    value = value.strip()
+    if not value:
+        raise ValueError("empty address")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unterminated IPv6 bracket in {value!r}")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:] else None
+        return host, port
+    if value.count(":") == 1:
+        host, _, port_s = value.partition(":")
+        if not port_s.isdigit():
+            raise ValueError(f"bad port in {value!r}")
+        return host, int(port_s)
+    if value.count(":") > 1:  # bare IPv6
+        ipaddress.IPv6Address(value)
+        return value, None
+    return value, None
+
+
+@dataclass(slots=True)
+class EndpointMetrics:
+    """The engine gauges the scheduler uses (GIE's per-endpoint fields).
+
+    ``updated_at`` is a ``time.monotonic()`` stamp of the last successful scrape; 0 means never.
+    """
+
+    waiting_queue_size: int = 0
+    running_requests_size: int = 0
+    kv_cache_usage: float = 0.0  # fraction 0..1
+    active_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    max_adapters: int = 0
+    cache_block_size: int | None = None  # tokens per KV block (vllm:cache_config_info block_size)
+    cache_num_blocks: int | None = None  # vllm:cache_config_info num_gpu_blocks
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """One schedulable target. Identity is by object; ``key`` (``ip:port``) is unique per pool.
+
+    ``name`` follows GIE (``<pod>-rank-<i>`` in Kubernetes; free-form in a static pool).
+    ``labels`` are the pod's labels (P/D role, engine type, ...).
+    """
+
+    name: str
+    address: str
+    port: int
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    # Picker-side load, changed at pick time and on response end / stream reset.
+    inflight: int = 0
+    inflight_tokens: int = 0
+    # Where to scrape metrics (defaults to the serving address).
+    metrics_host: str | None = None
+    metrics_port: int | None = None
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = format_hostport(self.address, self.port)
+
+    @property
+    def metrics_url(self) -> str:
+        host = self.metrics_host or self.address
+        return f"http://{format_hostport(host, self.metrics_port or self.port)}/metrics"
+
+    def is_fresh(self, now: float, staleness: float) -> bool:
+        """True when the last scrape is younger than ``staleness`` seconds."""
+        return self.metrics.updated_at > 0 and (now - self.metrics.updated_at) <= staleness
+
+    def __repr__(self) -> str:  # short, for logs and test failures
+        return f"Endpoint({self.name} {self.key})"

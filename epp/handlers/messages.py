@@ -1,0 +1,134 @@
+"""Builders for the ext_proc ``ProcessingResponse`` messages the picker sends.
+
+Kept apart from the stream state machine so each message shape is written (and tested)
+once. Types come from ``xds-protos`` (C-backed protobuf: ~1 µs to build or parse a message,
+vs ~200 µs for a pure-Python binding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+# GIE BodyByteLimit: body mutations are re-emitted in chunks of at most this size.
+BODY_CHUNK_LIMIT = 62_000
+DESTINATION_NAMESPACE = "envoy.lb"
+DESTINATION_KEY = "x-gateway-destination-endpoint"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+EMPTY_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+EMPTY_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+EMPTY_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+EMPTY_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+EMPTY_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+EMPTY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def destination_metadata(destination: str) -> struct_pb2.Struct:
+    """``{"envoy.lb": {"x-gateway-destination-endpoint": destination}}``."""
+    md = struct_pb2.Struct()
+    md.fields[DESTINATION_NAMESPACE].struct_value.fields[DESTINATION_KEY].string_value = destination
+    return md
+
+
+def header_mutation(set_headers: Mapping[str, str], remove: tuple[str, ...] = ()) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[_header(k, v) for k, v in set_headers.items()], remove_headers=list(remove)
+    )
+
+
+def routed_headers_response(
+    destination: str, set_headers: Mapping[str, str], remove: tuple[str, ...] = ()
+) -> pb.ProcessingResponse:
+    """The (deferred) request_headers answer carrying the pick as header AND metadata."""
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(
+                header_mutation=header_mutation(set_headers, remove), clear_route_cache=True
+            )
+        ),
+        dynamic_metadata=destination_metadata(destination),
+    )
+
+
+def routed_buffered_body_response(
+    destination: str, set_headers: Mapping[str, str], body: bytes | None, remove: tuple[str, ...] = ()
+) -> pb.ProcessingResponse:
+    """BUFFERED mode: the pick rides on the body response (the router has not run yet)."""
+    common = pb.CommonResponse(header_mutation=header_mutation(set_headers, remove), clear_route_cache=True)
+    if body is not None:
+        common.body_mutation.body = body
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=destination_metadata(destination)
+    )
+
+
+def streamed_body_responses(body: bytes | bytearray | memoryview, *, request: bool) -> Iterator[pb.ProcessingResponse]:
+    """FULL_DUPLEX_STREAMED: the body as ``StreamedBodyResponse`` chunks (≤ 62,000 bytes),
+    ``end_of_stream`` on the last. An empty body is one empty end-of-stream chunk."""
+    view = memoryview(body)
+    n = len(view)
+    start = 0
+    while True:
+        end = min(start + BODY_CHUNK_LIMIT, n)
+        chunk = pb.StreamedBodyResponse(body=bytes(view[start:end]), end_of_stream=end >= n)
+        common = pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=chunk))
+        if request:
+            yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+        else:
+            yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+        start = end
+        if start >= n:
+            return
+
+
+def streamed_response_body(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    """One response-body chunk passed through in FULL_DUPLEX_STREAMED mode."""
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
+
+
+def buffered_response_body(body: bytes | None) -> pb.ProcessingResponse:
+    """BUFFERED response body: replace only when it changed."""
+    if body is None:
+        return EMPTY_RESPONSE_BODY
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                header_mutation=header_mutation({"content-length": str(len(body))}),
+                body_mutation=pb.BodyMutation(body=body),
+            )
+        )
+    )
+
+
+def immediate_response(status: int, body: bytes, details: str) -> pb.ProcessingResponse:
+    """Answer the client directly (errors): JSON body, the status, and a details string that
+    Envoy logs as %RESPONSE_CODE_DETAILS%."""
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=header_mutation({"content-type": "application/json"}),
+            body=body,
+            details=details,
+        )
+    )

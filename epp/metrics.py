@@ -1,0 +1,117 @@
+"""The picker's own Prometheus metrics, with GIE's names so existing dashboards work.
+
+One ``EppMetrics`` object owns a private ``CollectorRegistry`` (no module-level globals),
+created by the runner and handed to whatever records. Label sets follow gie.md §6:
+M = {model_name, target_model_name}, P = {name} (the pool).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+)
+_REQUEST_BUCKETS = (
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20,
+    30, 45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
+)
+_TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 20))
+_SIZE_BUCKETS = tuple(float(64 * 4**i) for i in range(0, 12))
+_M = ("model_name", "target_model_name")
+
+
+class EppMetrics:
+    """Every metric the picker exports (one instance per process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # --- per objective / model (request control) ---
+        self.request_total = Counter(
+            "inference_objective_request_total", "Requests received, by model and priority.",
+            (*_M, "priority"), registry=r)
+        self.request_error_total = Counter(
+            "inference_objective_request_error_total", "Requests that ended in an error.",
+            (*_M, "error_code"), registry=r)
+        self.request_duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "Time from the picker receiving the request to the response completing.",
+            _M, buckets=_REQUEST_BUCKETS, registry=r)
+        self.request_sizes = Histogram(
+            "inference_objective_request_sizes", "Request body sizes in bytes.",
+            _M, buckets=_SIZE_BUCKETS, registry=r)
+        self.response_sizes = Histogram(
+            "inference_objective_response_sizes", "Response body sizes in bytes.",
+            _M, buckets=_SIZE_BUCKETS, registry=r)
+        self.input_tokens = Histogram(
+            "inference_objective_input_tokens", "Prompt tokens (from the response usage).",
+            _M, buckets=_TOKEN_BUCKETS, registry=r)
+        self.output_tokens = Histogram(
+            "inference_objective_output_tokens", "Completion tokens (from the response usage).",
+            _M, buckets=_TOKEN_BUCKETS, registry=r)
+        self.prompt_cached_tokens = Histogram(
+            "inference_objective_prompt_cached_tokens",
+            "Cached prompt tokens (usage.prompt_tokens_details.cached_tokens).",
+            _M, buckets=_TOKEN_BUCKETS, registry=r)
+        self.running_requests = Gauge(
+            "inference_objective_running_requests", "Requests in flight through the picker.",
+            ("model_name",), registry=r)
+        self.normalized_tpot = Histogram(
+            "inference_objective_normalized_time_per_output_token_seconds",
+            "Request latency divided by output tokens.", _M,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=r)
+        # --- pool (refreshed by a background task) ---
+        self.pool_avg_kv = Gauge(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache utilization of the pool's endpoints with fresh metrics.", ("name",),
+            registry=r)
+        self.pool_avg_queue = Gauge(
+            "inference_pool_average_queue_size",
+            "Mean waiting-queue size of the pool's endpoints with fresh metrics.", ("name",),
+            registry=r)
+        self.pool_avg_running = Gauge(
+            "inference_pool_average_running_requests",
+            "Mean running requests of the pool's endpoints with fresh metrics.", ("name",),
+            registry=r)
+        self.pool_ready_pods = Gauge(
+            "inference_pool_ready_pods", "Endpoints with fresh metrics.", ("name",), registry=r)
+        self.pool_per_pod_queue = Gauge(
+            "inference_pool_per_pod_queue_size", "Waiting-queue size per endpoint.",
+            ("name", "model_server_pod"), registry=r)
+        # --- scheduler / extension ---
+        self.info = Gauge(
+            "inference_extension_info", "Build information.", ("commit", "build_ref"), registry=r)
+        self.scheduler_e2e = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time spent in one scheduling cycle.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.scheduler_attempts = Counter(
+            "inference_extension_scheduler_attempts_total", "Scheduling attempts by outcome.",
+            ("status", "target_model_name", "pod_name", "namespace", "port"), registry=r)
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds", "Time spent in each plugin.",
+            ("extension_point", "plugin_type", "plugin_name"), buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.prefix_indexer_size = Gauge(
+            "inference_extension_prefix_indexer_size", "Entries in the approximate prefix index.",
+            registry=r)
+        self.prefix_indexer_hit_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Matched prefix blocks / request blocks, for the chosen endpoint.",
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.prefix_indexer_hit_bytes = Histogram(
+            "inference_extension_prefix_indexer_hit_bytes",
+            "Matched prefix length in bytes, for the chosen endpoint.",
+            buckets=_SIZE_BUCKETS, registry=r)
+        self.model_rewrite_decisions = Counter(
+            "inference_extension_model_rewrite_decisions_total", "Model rewrite decisions.",
+            ("model_rewrite_name", "model_name", "target_model"), registry=r)
+        # --- protocol-level (ours; no GIE equivalent) ---
+        self.served_endpoint_total = Counter(
+            "epp_served_endpoint_total",
+            "Responses by the endpoint the gateway reports as served, and whether it was the "
+            "picker's primary choice.", ("endpoint", "matched_pick"), registry=r)
+        self.scrape_errors = Counter(
+            "epp_metrics_scrape_errors_total", "Failed model-server metric scrapes.",
+            ("endpoint",), registry=r)

@@ -1,0 +1,299 @@
+"""The director: everything between "the request body is complete" and "here is the pick".
+
+Order (GIE §1.2): parse the body → resolve the target model (rewrite) → resolve the
+priority (objective) → locate candidates (subset hint) → admission (legacy shedding, or
+flow control which may wait) → schedule → pre-request hooks → body re-serialised only if it
+changed. The response side restores the client's model name, reads ``usage``, and on the
+end of the response (or a stream reset) releases the picker-side in-flight count.
+
+The handler (``epp.handlers``) owns the protocol; this module never sees a protobuf.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.endpoint import Endpoint
+from epp.metrics import EppMetrics
+from epp.requestcontrol import errors
+from epp.requestcontrol.admission import admit as legacy_admit
+from epp.requestcontrol.body import parse_body
+from epp.requestcontrol.candidates import subset_candidates
+from epp.requestcontrol.errors import RequestError
+from epp.requestcontrol.objectives import resolve_priority
+from epp.requestcontrol.response import BodyRewriter
+from epp.requestcontrol.rewrite import resolve_target_model
+from epp.scheduling.framework import (
+    PreRequest,
+    ResponseComplete,
+    ResponseInfo,
+    SaturationDetector,
+)
+from epp.scheduling.types import LLMRequest, SchedulingError, SchedulingResult
+
+# Request headers GIE defines (inputs the gateway or client sets).
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+REWRITE_HEADER = "x-gateway-model-name-rewrite"
+SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SERVED_HEADER = "x-gateway-destination-endpoint-served"
+REQUEST_ID_HEADER = "x-request-id"
+DEFAULT_FAIRNESS_ID = "default-flow"
+
+
+class SchedulerLike(Protocol):
+    def schedule(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> SchedulingResult: ...
+
+
+class Admission(Protocol):
+    """Decides whether (and when) a request may be scheduled.
+
+    ``candidates`` is re-evaluated by the admission controller when it dispatches, so a
+    request that waited in a queue is scheduled on the endpoints that exist *then*.
+    Raises RequestError to reject.
+    """
+
+    async def admit(
+        self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]
+    ) -> Sequence[Endpoint]: ...
+
+    def release(self, request: LLMRequest, info: ResponseInfo) -> None: ...
+
+
+@dataclass(slots=True)
+class LegacyAdmission:
+    """No queueing: shed sheddable requests when saturated, admit the rest at once."""
+
+    detector: SaturationDetector | None
+
+    async def admit(
+        self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]
+    ) -> Sequence[Endpoint]:
+        eps = candidates()
+        if not eps:
+            raise errors.unavailable("no ready endpoints in the inference pool")
+        legacy_admit(request, eps, self.detector)
+        return eps
+
+    def release(self, request: LLMRequest, info: ResponseInfo) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class RoutingDecision:
+    """What the handler tells the gateway for one request."""
+
+    destination: str  # "ip:port" or an ordered fallback list "ip:port,ip:port"
+    body: bytes | bytearray | None  # body to forward (None for header-only requests)
+    body_mutated: bool = False
+    set_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One HTTP request's state across its ext_proc stream."""
+
+    request_id: str
+    headers: dict[str, str]
+    path: str = "/"
+    method: str = "POST"
+    received_at: float = 0.0
+    subset_hint: Any = None
+    request: LLMRequest | None = None
+    endpoint: Endpoint | None = None  # primary pick, counted in endpoint.inflight
+    inflight_tokens: int = 0
+    destination: str = ""
+    response: ResponseInfo = field(default_factory=ResponseInfo)
+    rewriter: BodyRewriter | None = None
+    completed: bool = False
+    model_label: tuple[str, str] = ("", "")
+
+
+def estimate_prompt_tokens(prefix_text_len: int) -> int:
+    """Rough token count (4 bytes per token, GIE's approximation) until a tokenizer is wired."""
+    return max(1, prefix_text_len // 4)
+
+
+@dataclass(slots=True)
+class Director:
+    datastore: Datastore
+    scheduler: SchedulerLike
+    metrics: EppMetrics | None = None
+    pre_request: Sequence[PreRequest] = ()
+    response_complete: Sequence[ResponseComplete] = ()
+    admission: Admission = field(default_factory=lambda: LegacyAdmission(None))
+    max_body_bytes: int = 10 * 1024 * 1024
+    disable_subset_filter: bool = False
+    #: endpoints whose metrics are older than this are treated as saturated (never chosen
+    #: while a fresh endpoint exists); ``--metrics-staleness-threshold``
+    staleness: float = 2.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    # ---------------------------------------------------------------- request
+    def new_context(self, headers: dict[str, str], subset_hint: Any = None) -> RequestContext:
+        rid = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
+        return RequestContext(
+            request_id=rid,
+            headers=headers,
+            path=headers.get(":path", "/"),
+            method=headers.get(":method", "POST"),
+            received_at=time.monotonic(),
+            subset_hint=subset_hint,
+        )
+
+    def _candidates(self, ctx: RequestContext) -> Sequence[Endpoint]:
+        """Pool (or subset-hint) endpoints, preferring those with fresh metrics.
+
+        A pod whose metrics went stale (scrapes failing: overloaded, partitioned, dying) is
+        treated as saturated: it gets no traffic while any fresh endpoint exists. When none is
+        fresh (just started, metrics port blocked) all are kept: fail open, not closed.
+        """
+        if ctx.subset_hint is not None and not self.disable_subset_filter:
+            found: Sequence[Endpoint] = subset_candidates(self.datastore, ctx.subset_hint)
+            if not found:
+                raise errors.unavailable("failed to find endpoint candidates for the subset hint")
+        else:
+            found = self.datastore.endpoints()
+        now = time.monotonic()
+        staleness = self.staleness
+        fresh = [e for e in found if e.is_fresh(now, staleness)]
+        return fresh if fresh else found
+
+    def route_headers_only(self, ctx: RequestContext) -> RoutingDecision:
+        """A request with no body (GET /v1/models, ...): any ready endpoint will do."""
+        candidates = self._candidates(ctx)
+        if not candidates:
+            raise errors.unavailable("no ready endpoints in the inference pool")
+        ep = candidates[self.rng.randrange(len(candidates))]
+        ctx.endpoint = ep
+        ep.inflight += 1
+        ctx.destination = ep.key
+        return RoutingDecision(destination=ep.key, body=None)
+
+    async def route(self, ctx: RequestContext, raw: bytes | bytearray) -> RoutingDecision:
+        """Choose the destination for a request whose whole body is ``raw``.
+
+        Raises RequestError for anything the client should be told.
+        """
+        metrics = self.metrics
+        try:
+            parsed = parse_body(raw, ctx.path)
+        except RequestError:
+            if metrics is not None:
+                metrics.request_error_total.labels("", "", errors.BAD_REQUEST).inc()
+            raise
+        headers = ctx.headers
+        target, rule = resolve_target_model(
+            parsed.model, headers.get(REWRITE_HEADER), self.datastore.rewrites, self.rng
+        )
+        objective = headers.get(OBJECTIVE_HEADER)
+        priority = resolve_priority(self.datastore, objective, parsed.model)
+        req = LLMRequest(
+            request_id=ctx.request_id,
+            target_model=target,
+            incoming_model=parsed.model,
+            api=parsed.api,
+            body=parsed.body,
+            headers=headers,
+            prefix_text=parsed.prefix_text,
+            stream=parsed.stream,
+            max_tokens=parsed.max_tokens,
+            estimated_prompt_tokens=estimate_prompt_tokens(len(parsed.prefix_text)),
+            priority=priority,
+            fairness_id=headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID,
+            objective=objective,
+            cache_salt=parsed.cache_salt,
+        )
+        ctx.request = req
+        ctx.model_label = (parsed.model, target)
+        if metrics is not None:
+            metrics.request_total.labels(parsed.model, target, str(priority)).inc()
+            metrics.request_sizes.labels(parsed.model, target).observe(len(raw))
+            if rule is not None:
+                metrics.model_rewrite_decisions.labels(rule.source, parsed.model, target).inc()
+        try:
+            candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
+            try:
+                result = self.scheduler.schedule(req, candidates)
+            except SchedulingError as exc:
+                raise errors.shed(f"failed to schedule the request: {exc}") from None
+        except RequestError as exc:
+            if metrics is not None:
+                metrics.request_error_total.labels(parsed.model, target, exc.code).inc()
+            raise
+        for plugin in self.pre_request:
+            plugin.pre_request(req, result)
+        targets = result.targets
+        primary = targets[0]
+        ctx.endpoint = primary
+        ctx.inflight_tokens = req.estimated_prompt_tokens + (req.max_tokens or 0)
+        primary.inflight += 1
+        primary.inflight_tokens += ctx.inflight_tokens
+        ctx.destination = primary.key if len(targets) == 1 else ",".join(e.key for e in targets)
+        if metrics is not None:
+            metrics.running_requests.labels(parsed.model).inc()
+        ctx.rewriter = BodyRewriter(ctx.response, target, parsed.model)
+        if target != parsed.model:
+            parsed.body["model"] = target
+            return RoutingDecision(ctx.destination, orjson.dumps(parsed.body), True, result.headers)
+        return RoutingDecision(ctx.destination, raw, False, result.headers)
+
+    # --------------------------------------------------------------- response
+    def response_headers(self, ctx: RequestContext, headers: Mapping[str, str], served: str | None) -> None:
+        info = ctx.response
+        try:
+            info.status = int(headers.get(":status", "0"))
+        except ValueError:
+            info.status = 0
+        info.streaming = "text/event-stream" in headers.get("content-type", "")
+        info.served_endpoint = served
+        if ctx.rewriter is None:
+            ctx.rewriter = BodyRewriter(info)
+        m = self.metrics
+        if m is not None:
+            if served:
+                primary = ctx.destination.split(",", 1)[0]
+                m.served_endpoint_total.labels(served, "true" if served == primary else "false").inc()
+            if info.status >= 400 or info.status == 0:
+                m.request_error_total.labels(*ctx.model_label, errors.MODEL_SERVER_ERROR).inc()
+
+    def complete(self, ctx: RequestContext) -> None:
+        """Response finished, or the stream ended early (client gone, upstream reset)."""
+        if ctx.completed:
+            return
+        ctx.completed = True
+        ep = ctx.endpoint
+        if ep is not None:
+            ep.inflight -= 1
+            ep.inflight_tokens -= ctx.inflight_tokens
+        req = ctx.request
+        info = ctx.response
+        if req is None:
+            return
+        self.admission.release(req, info)
+        m = self.metrics
+        if m is not None:
+            labels = ctx.model_label
+            m.running_requests.labels(labels[0]).dec()
+            elapsed = time.monotonic() - ctx.received_at
+            m.request_duration.labels(*labels).observe(elapsed)
+            if ctx.rewriter is not None:
+                m.response_sizes.labels(*labels).observe(ctx.rewriter.size)
+            if info.prompt_tokens is not None:
+                m.input_tokens.labels(*labels).observe(info.prompt_tokens)
+            if info.completion_tokens:
+                m.output_tokens.labels(*labels).observe(info.completion_tokens)
+                m.normalized_tpot.labels(*labels).observe(elapsed / info.completion_tokens)
+            if info.cached_tokens is not None:
+                m.prompt_cached_tokens.labels(*labels).observe(info.cached_tokens)
+        for plugin in self.response_complete:
+            plugin.response_complete(req, info, ep)

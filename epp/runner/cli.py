@@ -1,0 +1,188 @@
+"""Run the endpoint picker: an Envoy ext_proc gRPC server that picks a model-server endpoint
+for every OpenAI-style request.
+
+Flags, ports and defaults follow the Gateway API Inference Extension's picker so existing
+charts and probes work unchanged (9002 ext_proc, 9003 gRPC health, 9090 metrics). The pool is
+either static (``--endpoints`` or ``--pool-file``) or a Kubernetes InferencePool
+(``--pool-name``) or pod selector (``--endpoint-selector``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from epp.config.loader import ConfigError
+from epp.discovery.base import Discovery
+from epp.runner.logs import setup_logging
+from epp.runner.server import PickerServer, ServeOptions
+from epp.scheduling.params import parse_duration
+
+log = logging.getLogger("epp.serve")
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _size(value: str) -> int:
+    units = {"ki": 1024, "mi": 1024**2, "gi": 1024**3, "k": 1000, "m": 1000**2, "g": 1000**3}
+    v = value.strip().lower()
+    for suffix, mult in units.items():
+        if v.endswith(suffix) and v[: -len(suffix)].isdigit():
+            return int(v[: -len(suffix)]) * mult
+    if v.isdigit():
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected a byte size such as 10Mi or 1048576, got {value!r}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pool = p.add_argument_group("pool (choose one)")
+    pool.add_argument("--endpoints", help="static pool: comma-separated ip:port list")
+    pool.add_argument("--pool-file", help="static pool: YAML file of endpoints (re-read when it changes)")
+    pool.add_argument("--pool-name", default=os.environ.get("POOL_NAME", ""),
+                      help="Kubernetes InferencePool to serve")
+    pool.add_argument("--pool-namespace", default="",
+                      help="namespace of the pool (default: $NAMESPACE, then 'default')")
+    pool.add_argument("--pool-group", default="inference.networking.k8s.io",
+                      help="API group of the InferencePool (inference.networking.x-k8s.io for v1alpha2)")
+    pool.add_argument("--endpoint-selector", default="",
+                      help="Kubernetes standalone mode: pod label selector k=v,... instead of a pool")
+    pool.add_argument("--endpoint-target-ports", default="",
+                      help="Kubernetes standalone mode: comma-separated target ports")
+    srv = p.add_argument_group("serving")
+    srv.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
+    srv.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port")
+    srv.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (-1 disables)")
+    srv.add_argument("--bind-address", default="0.0.0.0", help="address the servers listen on")
+    srv.add_argument("--secure-serving", type=_bool, nargs="?", const=True, default=True,
+                     help="serve ext_proc over TLS (self-signed unless --cert-path)")
+    srv.add_argument("--cert-path", help="directory with tls.crt and tls.key")
+    srv.add_argument("--health-checking", type=_bool, nargs="?", const=True, default=False,
+                     help="also serve gRPC health on the ext_proc port")
+    srv.add_argument("--max-request-body-bytes", type=_size, default=10 * 1024 * 1024,
+                     help="larger request bodies get 400")
+    srv.add_argument("--disable-endpoint-subset-filter", type=_bool, nargs="?", const=True, default=False,
+                     help="ignore the gateway's subset hint")
+    cfg = p.add_argument_group("configuration")
+    cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
+    cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
+    data = p.add_argument_group("data layer")
+    data.add_argument("--refresh-metrics-interval", type=_duration, default=0.05,
+                      help="model-server metric scrape interval (Go duration)")
+    data.add_argument("--refresh-prometheus-metrics-interval", type=_duration, default=5.0,
+                      help="pool gauge refresh interval")
+    data.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
+                      help="metrics older than this are stale")
+    log_g = p.add_argument_group("logging")
+    log_g.add_argument("-v", "--v", dest="verbosity", type=int, nargs="?", const=1, default=0,
+                       help="verbosity (0 info, 1+ debug)")
+    log_g.add_argument("--log-format", choices=("json", "text"), default="json")
+    log_g.add_argument("--zap-encoder", choices=("json", "console"), help="GIE alias of --log-format")
+
+
+def build_discovery(args: argparse.Namespace) -> Discovery:
+    chosen = [n for n in ("endpoints", "pool_file", "pool_name", "endpoint_selector") if getattr(args, n)]
+    if len(chosen) != 1:
+        flags = ", ".join("--" + n.replace("_", "-") for n in chosen) or "none"
+        raise ConfigError(
+            "exactly one of --endpoints, --pool-file, --pool-name, --endpoint-selector is required "
+            f"(given: {flags})"
+        )
+    from epp.discovery.static import StaticDiscovery
+
+    if args.endpoints:
+        return StaticDiscovery.from_endpoints_flag(args.endpoints)
+    if args.pool_file:
+        return StaticDiscovery.from_pool_file(args.pool_file)
+    from epp.discovery.kubernetes import discovery_from_flags
+
+    return discovery_from_flags(
+        pool_name=args.pool_name,
+        pool_namespace=args.pool_namespace,
+        pool_group=args.pool_group,
+        endpoint_selector=args.endpoint_selector,
+        endpoint_target_ports=args.endpoint_target_ports,
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    if args.config_file and args.config_text:
+        raise ConfigError("--config-file and --config-text are mutually exclusive")
+    config_text = args.config_text
+    if args.config_file:
+        try:
+            config_text = Path(args.config_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"--config-file {args.config_file}: {exc.strerror}") from None
+    return ServeOptions(
+        discovery=build_discovery(args),
+        grpc_port=args.grpc_port,
+        grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        bind_address=args.bind_address,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        config_text=config_text,
+        refresh_metrics_interval=args.refresh_metrics_interval,
+        refresh_prometheus_metrics_interval=args.refresh_prometheus_metrics_interval,
+        metrics_staleness_threshold=args.metrics_staleness_threshold,
+        disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
+        max_request_body_bytes=args.max_request_body_bytes,
+        health_checking=args.health_checking,
+    )
+
+
+async def serve(options: ServeOptions) -> None:
+    server = PickerServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()
+
+
+def run_async(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace) -> int:
+    fmt = "text" if args.zap_encoder == "console" else ("json" if args.zap_encoder else args.log_format)
+    setup_logging(args.verbosity or 0, fmt)
+    try:
+        options = options_from_args(args)
+        run_async(serve(options))
+    except ConfigError as exc:
+        print(f"epp serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"epp serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

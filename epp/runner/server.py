@@ -1,0 +1,196 @@
+"""Wiring of ``epp serve``: build every part from options, start, stop.
+
+Start order matters: metrics → config and plugins (fail fast on a bad config) → discovery's
+first full sync → metric scraping → gRPC servers. Readiness (gRPC health on 9003) turns
+SERVING only after discovery synced, so Envoy's health check keeps traffic away from a
+picker that does not know its pool yet. On stop: readiness NOT_SERVING first, then the
+servers drain with a grace period, then background tasks stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import start_http_server
+
+import epp
+from epp.config.loader import build_scheduling, load_config
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.pool_metrics import PoolMetricsRefresher
+from epp.datalayer.scraper import MetricsScraper
+from epp.discovery.base import Discovery
+from epp.handlers.extproc import ExtProcServicer
+from epp.metrics import EppMetrics
+from epp.requestcontrol.director import Director, LegacyAdmission
+from epp.runner import tls
+from epp.scheduling.framework import PluginContext
+
+log = logging.getLogger(__name__)
+
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+READINESS_SERVICES = ("readiness", EXT_PROC_SERVICE, "", "inference-extension")
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    """Everything ``epp serve`` is configured with (flags map 1:1, see ``epp.runner.cli``)."""
+
+    discovery: Discovery
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    bind_address: str = "0.0.0.0"
+    secure_serving: bool = True
+    cert_path: str | None = None
+    config_text: str | None = None
+    refresh_metrics_interval: float = 0.05
+    refresh_prometheus_metrics_interval: float = 5.0
+    metrics_staleness_threshold: float = 2.0
+    metrics_scrape_timeout: float = 1.0
+    disable_endpoint_subset_filter: bool = False
+    max_request_body_bytes: int = 10 * 1024 * 1024
+    health_checking: bool = False
+    grace_period: float = 5.0
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class PickerServer:
+    options: ServeOptions
+    metrics: EppMetrics = field(default_factory=EppMetrics)
+    datastore: Datastore = field(default_factory=Datastore)
+    director: Director | None = None
+    bound_ports: dict[str, int] = field(default_factory=dict)
+    _grpc: grpc.aio.Server | None = None
+    _health_server: grpc.aio.Server | None = None
+    _health: Any = None
+    _http: Any = None
+    _scraper: MetricsScraper | None = None
+    _pool_metrics: PoolMetricsRefresher | None = None
+    _plugins: dict[str, Any] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        opts = self.options
+        self.metrics.info.labels(commit="", build_ref=epp.__version__).set(1)
+        cfg = load_config(opts.config_text)
+        ctx = PluginContext(
+            datastore=self.datastore, metrics=self.metrics, staleness_threshold=opts.metrics_staleness_threshold
+        )
+        bundle = build_scheduling(cfg, ctx)
+        self._plugins = dict(bundle.plugins)
+        self.director = Director(
+            datastore=self.datastore,
+            scheduler=bundle.scheduler,
+            metrics=self.metrics,
+            pre_request=tuple(bundle.pre_request),
+            response_complete=tuple(bundle.response_complete),
+            admission=LegacyAdmission(bundle.saturation_detector),
+            max_body_bytes=opts.max_request_body_bytes,
+            disable_subset_filter=opts.disable_endpoint_subset_filter,
+            staleness=opts.metrics_staleness_threshold,
+            rng=random.Random(opts.seed),
+        )
+
+        # Health first (NOT_SERVING until synced) so probes get an answer during sync.
+        self._health = health_aio.HealthServicer()
+        await self._health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        for svc in READINESS_SERVICES:
+            await self._health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+        self.bound_ports["health"] = self._health_server.add_insecure_port(
+            f"{opts.bind_address}:{opts.grpc_health_port}"
+        )
+        await self._health_server.start()
+
+        if opts.metrics_port >= 0:
+            self._http, _ = start_http_server(opts.metrics_port, opts.bind_address, registry=self.metrics.registry)
+            self.bound_ports["metrics"] = self._http.server_port
+
+        await opts.discovery.start(self.datastore)
+        src = cfg.metrics_source
+        self._scraper = MetricsScraper(
+            self.datastore,
+            interval=opts.refresh_metrics_interval,
+            timeout=opts.metrics_scrape_timeout,
+            scheme=src.scheme,
+            path=src.path,
+            insecure_skip_verify=src.insecure_skip_verify,
+            metrics=self.metrics,
+            engine_configs=cfg.metrics_extractor.engine_configs or None,
+            default_engine=cfg.metrics_extractor.default_engine,
+            engine_label_key=cfg.metrics_extractor.engine_label_key,
+        )
+        await self._scraper.start()
+        self._pool_metrics = PoolMetricsRefresher(
+            self.datastore,
+            self.metrics,
+            interval=opts.refresh_prometheus_metrics_interval,
+            staleness=opts.metrics_staleness_threshold,
+        )
+        await self._pool_metrics.start()
+
+        self._grpc = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.director), self._grpc)
+        if opts.health_checking:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        addr = f"{opts.bind_address}:{opts.grpc_port}"
+        if opts.secure_serving:
+            if opts.cert_path:
+                cert, key = tls.load_cert_dir(opts.cert_path)
+            else:
+                cert, key = tls.self_signed()
+            creds = grpc.ssl_server_credentials([(key, cert)])
+            self.bound_ports["grpc"] = self._grpc.add_secure_port(addr, creds)
+        else:
+            self.bound_ports["grpc"] = self._grpc.add_insecure_port(addr)
+        await self._grpc.start()
+        if self.datastore.synced:
+            await self.set_ready(True)
+        log.info(
+            "picker started",
+            extra={
+                "ports": self.bound_ports,
+                "discovery": opts.discovery.description,
+                "endpoints": len(self.datastore.endpoints()),
+                "tls": opts.secure_serving,
+            },
+        )
+
+    async def set_ready(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in READINESS_SERVICES:
+            await self._health.set(svc, status)
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            await self.set_ready(False)
+        if self._grpc is not None:
+            await self._grpc.stop(self.options.grace_period)
+        await self.options.discovery.stop()
+        if self._scraper is not None:
+            await self._scraper.stop()
+        if self._pool_metrics is not None:
+            await self._pool_metrics.stop()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        if self._http is not None:
+            await asyncio.to_thread(self._http.shutdown)
+            self._http.server_close()
+        for plugin in self._plugins.values():
+            close = getattr(plugin, "close", None)
+            if close is not None:
+                res = close()
+                if asyncio.iscoroutine(res):
+                    await res

@@ -1,0 +1,423 @@
+"""The HTTP face of one simulated pod: vLLM's OpenAI server routes, byte formats and errors.
+
+Everything a router or client can observe is shaped like vLLM 0.32's OpenAI server: the SSE
+framing (``data: {json}\\n\\n`` per token, optional usage chunk, ``data: [DONE]``), usage with
+``prompt_tokens_details.cached_tokens``, ``kv_transfer_params`` on P/D prefill responses,
+``{"error": {...}}`` bodies, the admin routes (LoRA load/unload, ``/reset_prefix_cache``), and
+``/metrics``. Every response names the serving pod (``x-inference-pod``/``-port``/``-namespace``)
+so tests and benchmarks can assert where the picker sent a request.
+
+Per-token SSE chunks are pre-built byte templates (JSON prefix + pre-encoded token text +
+suffix) so streaming costs a join and one write per engine step per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from epp.sim.config import LoraModule, SimConfig
+from epp.sim.engine import Engine, QueueFullError, Sequence
+from epp.sim.errors import FAILURE_TYPES, error_body
+from epp.sim.metrics import MetricsPage, cache_config_labels
+from epp.sim.tokenizer import Tokenizer
+
+KV_BYTES_PER_TOKEN = 131072  # Llama-3.1-8B bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
+_JSON = "application/json"
+_METRICS_CT = "text/plain; version=0.0.4; charset=utf-8"
+_DONE = b"data: [DONE]\n\n"
+
+
+class RequestError(Exception):
+    """A request the server answers with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who this pod is, as the response headers and KV-event topic tell it."""
+
+    name: str
+    namespace: str
+    host: str
+    port: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-inference-pod": self.name,
+            "x-inference-port": str(self.port),
+            "x-inference-namespace": self.namespace,
+        }
+
+
+@dataclass(slots=True)
+class PodServer:
+    """Request handling for one pod; owns nothing but references to the pod's parts."""
+
+    config: SimConfig
+    engine: Engine
+    tokenizer: Tokenizer
+    identity: Identity
+    out_texts: list[bytes]
+    kv_event_endpoint: str | None = None
+    kv_replay_endpoint: str | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    metrics: MetricsPage = field(init=False)
+    _out_strs: list[str] = field(default_factory=list)
+    _headers: dict[str, str] = field(default_factory=dict)
+    _created: int = 0
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.metrics = MetricsPage(
+            cfg.model_name,
+            cache_config_labels(cfg.block_size, cfg.num_gpu_blocks, cfg.enable_prefix_caching,
+                                cfg.gpu_memory_utilization, cfg.max_model_len, KV_BYTES_PER_TOKEN),
+            cfg.histogram_refresh,
+        )
+        self._out_strs = [orjson.loads(t) for t in self.out_texts]
+        self._headers = self.identity.headers()
+        self._created = int(time.time())
+        self.rng.seed(cfg.seed ^ self.identity.port)
+
+    # ------------------------------------------------------------------ app
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/kv_event_sources", self.kv_event_sources)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        app.router.add_post("/v1/load_lora_adapter", self.load_lora)
+        app.router.add_post("/v1/unload_lora_adapter", self.unload_lora)
+        return app
+
+    def _json(self, body: bytes, status: int = 200) -> web.Response:
+        return web.Response(body=body, status=status, content_type=_JSON, headers=self._headers)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> web.Response:
+        return self._json(error_body(status, message, param), status)
+
+    # ------------------------------------------------------------------ simple routes
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200, headers=self._headers)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return self._json(b'{"version":"0.32.0"}')
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        body = self.metrics.render(self.engine.gauges(), self.engine.stats)
+        return web.Response(body=body, headers={**self._headers, "content-type": _METRICS_CT})
+
+    async def models(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        root = cfg.model_path or cfg.model_name
+        perm = [{"id": "modelperm-sim", "object": "model_permission", "created": self._created,
+                 "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                 "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                 "organization": "*", "group": None, "is_blocking": False}]
+        data: list[dict[str, Any]] = [
+            {"id": name, "object": "model", "created": self._created, "owned_by": "vllm", "root": root,
+             "parent": None, "max_model_len": cfg.max_model_len, "permission": perm}
+            for name in cfg.served_model_names
+        ]
+        for lora in self.engine.loras.values():
+            data.append({"id": lora.name, "object": "model", "created": self._created, "owned_by": "vllm",
+                         "root": lora.path, "parent": lora.base_model_name or cfg.model_name,
+                         "max_model_len": None, "permission": perm})
+        return self._json(orjson.dumps({"object": "list", "data": data}))
+
+    async def kv_event_sources(self, request: web.Request) -> web.Response:
+        src: dict[str, Any] = {}
+        if self.kv_event_endpoint:
+            src["0"] = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": self.kv_event_endpoint,
+                        "replay_endpoint": self.kv_replay_endpoint,
+                        "buffer_steps": self.config.kv_events_buffer_steps, "hwm": 100000,
+                        "max_queue_size": 100000,
+                        "topic": self.engine.publisher.topic if self.engine.publisher else ""}
+        return self._json(orjson.dumps(src))
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        self.engine.reset_prefix_cache()
+        return web.Response(status=200, headers=self._headers)
+
+    async def _admin_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(400, f"Invalid JSON body: {exc}") from exc
+        if not isinstance(body, dict):
+            raise RequestError(400, "Request body must be a JSON object")
+        return body
+
+    async def load_lora(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._admin_body(request)
+        except RequestError as e:
+            return self._error(e.status, e.message)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            return self._error(400, "Both 'lora_name' and 'lora_path' must be provided.")
+        if not self.engine.load_lora(LoraModule(name, path, self.config.model_name)):
+            return self._error(400, f"The lora adapter '{name}' has already been loaded.")
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.", headers=self._headers)
+
+    async def unload_lora(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._admin_body(request)
+        except RequestError as e:
+            return self._error(e.status, e.message)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            return self._error(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
+        if not self.engine.unload_lora(name):
+            return self._error(404, f"The lora adapter '{name}' cannot be found.")
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.", headers=self._headers)
+
+    # ------------------------------------------------------------------ completions
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    def _injected_failure(self, request: web.Request) -> web.Response | None:
+        forced = request.headers.get("x-return-error")
+        if forced is not None:
+            try:
+                status = int(forced.strip())
+            except ValueError:
+                status = 0
+            if 400 <= status <= 599:
+                return self._error(status, f"Simulated error (x-return-error: {status})")
+        cfg = self.config
+        if cfg.failure_injection_rate > 0 and self.rng.random() * 100.0 < cfg.failure_injection_rate:
+            status, message = FAILURE_TYPES[self.rng.choice(cfg.failure_types)]
+            return self._error(status, message)
+        return None
+
+    def _parse(self, body: Any, chat: bool) -> tuple[str, Sequence, bool, bool]:
+        """Validate a completion body into a ``Sequence``; returns (model, seq, stream, usage)."""
+        if not isinstance(body, dict):
+            raise RequestError(400, "Request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise RequestError(400, "The 'model' field is required.", "model")
+        cfg = self.config
+        lora: LoraModule | None = None
+        if model not in cfg.served_model_names:
+            lora = self.engine.loras.get(model)
+            if lora is None:
+                raise RequestError(404, f"The model `{model}` does not exist.", "model")
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise RequestError(400, "The simulator supports n=1 only.", "n")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise RequestError(400, "'messages' must be a non-empty list.", "messages")
+            ids = self.tokenizer.encode_chat(messages)
+        else:
+            ids = self._prompt_ids(body.get("prompt"))
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = cfg.default_max_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens!r}.", "max_tokens")
+        total = len(ids) + max_tokens
+        if total > cfg.max_model_len:
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(ids)} in the messages, {max_tokens} in the completion). Please reduce "
+                "the length of the messages or completion.",
+            )
+        if -(-total // cfg.block_size) > cfg.num_gpu_blocks - 1:
+            raise RequestError(400, f"Request needs {total} tokens of KV cache; the pod has "
+                                    f"{(cfg.num_gpu_blocks - 1) * cfg.block_size}.")
+        ktp = body.get("kv_transfer_params")
+        remote_decode = remote_prefill = False
+        if isinstance(ktp, dict):
+            remote_decode = bool(ktp.get("do_remote_decode"))
+            remote_prefill = bool(ktp.get("do_remote_prefill"))
+        stream = bool(body.get("stream"))
+        so = body.get("stream_options")
+        include_usage = stream and isinstance(so, dict) and bool(so.get("include_usage"))
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        seq = Sequence(
+            request_id=prefix + os.urandom(16).hex(),
+            token_ids=ids,
+            max_tokens=max_tokens,
+            lora=lora,
+            lora_id=self.engine.lora_ids.get(lora.name) if lora else None,
+            remote_prefill=remote_prefill,
+            remote_decode=remote_decode,
+        )
+        return model, seq, stream, include_usage
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode_prompt(prompt)
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return list(prompt)
+            if len(prompt) == 1:
+                return self._prompt_ids(prompt[0])
+            raise RequestError(400, "The simulator supports one prompt per request.", "prompt")
+        raise RequestError(400, "'prompt' must be a string or a list of token ids.", "prompt")
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        cfg = self.config
+        if cfg.added_latency > 0:
+            await asyncio.sleep(cfg.added_latency)
+        failed = self._injected_failure(request)
+        if failed is not None:
+            return failed
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return self._error(400, f"Invalid JSON body: {exc}")
+        try:
+            model, seq, stream, include_usage = self._parse(body, chat)
+        except RequestError as e:
+            return self._error(e.status, e.message, e.param)
+        engine = self.engine
+        if seq.remote_prefill:
+            await self._transfer(seq)
+        try:
+            engine.submit(seq)
+        except QueueFullError:
+            return self._error(429, "The simulated server's waiting queue is full.")
+        try:
+            if stream:
+                return await self._stream(request, seq, model, chat, include_usage)
+            return await self._complete(seq, model, chat)
+        finally:
+            if not seq.finished:
+                engine.abort(seq)
+
+    async def _transfer(self, seq: Sequence) -> None:
+        """P/D decode leg: the prompt's KV arrives over the (simulated) NIXL side channel."""
+        cfg = self.config
+        engine = self.engine
+        tokens = max(0, seq.prompt_len - 1 - engine.cached_prefix_tokens(seq.token_ids, seq.lora))
+        delay = (cfg.kv_transfer_overhead + tokens * cfg.kv_transfer_time_per_token) * cfg.time_scale
+        engine.transferring += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            engine.transferring -= 1
+
+    async def _wait(self, seq: Sequence, have: int) -> None:
+        """Until the sequence has more than ``have`` tokens or finished."""
+        while seq.generated <= have and not seq.finished:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            seq.waiter = fut
+            try:
+                await fut
+            finally:
+                seq.waiter = None
+
+    def _usage(self, seq: Sequence) -> dict[str, Any]:
+        return {
+            "prompt_tokens": seq.prompt_len,
+            "total_tokens": seq.prompt_len + seq.generated,
+            "completion_tokens": seq.generated,
+            "prompt_tokens_details": {"cached_tokens": max(seq.cached_tokens, 0)},
+        }
+
+    async def _complete(self, seq: Sequence, model: str, chat: bool) -> web.Response:
+        await self._wait(seq, seq.max_tokens)
+        if seq.finish_reason == "abort":
+            return self._error(500, "Request aborted (simulated pod stopping).")
+        strs = self._out_strs
+        n = len(strs)
+        text = "".join(strs[i % n] for i in range(seq.generated))
+        if chat:
+            out: dict[str, Any] = {
+                "id": seq.request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+                                                     "annotations": None, "audio": None, "function_call": None,
+                                                     "tool_calls": [], "reasoning_content": None},
+                             "logprobs": None, "finish_reason": seq.finish_reason, "stop_reason": None}],
+                "service_tier": None, "system_fingerprint": None, "usage": self._usage(seq),
+                "prompt_logprobs": None, "kv_transfer_params": seq.kv_transfer_params,
+            }
+        else:
+            out = {
+                "id": seq.request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
+                             "stop_reason": None, "prompt_logprobs": None}],
+                "usage": self._usage(seq), "kv_transfer_params": seq.kv_transfer_params,
+            }
+        return self._json(orjson.dumps(out))
+
+    async def _stream(
+        self, request: web.Request, seq: Sequence, model: str, chat: bool, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=self._headers)
+        resp.content_type = "text/event-stream"
+        resp.charset = "utf-8"
+        resp.headers["cache-control"] = "no-cache"
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        created = int(time.time())
+        common = (b'data: {"id":"' + seq.request_id.encode() + b'","object":'
+                  + (b'"chat.completion.chunk"' if chat else b'"text_completion"')
+                  + b',"created":' + str(created).encode() + b',"model":' + orjson.dumps(model))
+        if chat:
+            head = common + b',"choices":[{"index":0,"delta":{"content":'
+            mid = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            last = b'},"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+            role = common + (b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+                             b'"logprobs":null,"finish_reason":null}]}\n\n')
+        else:
+            head = common + b',"choices":[{"index":0,"text":'
+            mid = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+            last = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+            role = b""
+        texts = self.out_texts
+        n_texts = len(texts)
+        sent = 0
+        final = seq.max_tokens - 1
+        while True:
+            await self._wait(seq, sent)
+            g = seq.generated
+            if g > sent:
+                parts: list[bytes] = []
+                if sent == 0 and role:
+                    parts.append(role)
+                for i in range(sent, g):
+                    parts.append(head)
+                    parts.append(texts[i % n_texts])
+                    parts.append(last if i == final else mid)
+                sent = g
+                await resp.write(b"".join(parts))
+            if seq.finished:
+                break
+        if seq.finish_reason == "abort":
+            return resp  # pod stopping: the connection is closed without [DONE]
+        tail = b""
+        if include_usage:
+            tail = (common + b',"choices":[],"usage":' + orjson.dumps(self._usage(seq)) + b"}\n\n")
+        await resp.write(tail + _DONE)
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,545 @@
+"""An in-process fake Kubernetes API server that speaks the real list/watch protocol.
+
+Good enough for the official ``kubernetes`` client (and ``kubectl get --raw``-style clients):
+
+* namespaced LIST of pods (core/v1) and of the inference CRDs (both InferencePool groups,
+  InferenceObjective, InferenceModelRewrite, InferenceModel), with ``labelSelector``
+  (equality) and ``fieldSelector`` (``metadata.name=``/``metadata.namespace=``); a List
+  carries ``metadata.resourceVersion`` from one global, increasing counter;
+* ``?watch=1&resourceVersion=N``: chunked, newline-delimited JSON events
+  (ADDED/MODIFIED/DELETED, BOOKMARK when ``allowWatchBookmarks``, ERROR), ending after
+  ``timeoutSeconds``; a MODIFIED object that leaves or enters a label selector is sent as
+  DELETED/ADDED, as the real server does;
+* ``compact()``: a watch from an older resourceVersion gets an ERROR event with a 410 Status;
+* ``fail_next(n, status)``: the next n requests get an HTTP error with a Status body;
+* ``restart(down_for)``: drops every open connection and refuses connections for a while
+  (the listening socket is closed and re-bound on the same port);
+* ``uninstall(plural)``: that CRD's URLs answer 404 (CRD not installed).
+
+Everything binds 127.0.0.1 only. Use it from pytest via the ``fake_k8s`` fixture
+(tests/k8s/conftest.py) or directly::
+
+    with FakeKube() as kube:
+        kube.add(pool("p", {"app": "m"}, [8000]))
+        kube.add(pod("m-0", "10.0.0.1", {"app": "m"}))
+        api_client = kube.api_client()
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+POOL_GROUP = "inference.networking.k8s.io"
+X_GROUP = "inference.networking.x-k8s.io"
+
+#: plural -> {group: (version, kind)}; "" is the core group.
+RESOURCES: dict[str, dict[str, tuple[str, str]]] = {
+    "pods": {"": ("v1", "Pod")},
+    "inferencepools": {POOL_GROUP: ("v1", "InferencePool"), X_GROUP: ("v1alpha2", "InferencePool")},
+    "inferenceobjectives": {X_GROUP: ("v1alpha2", "InferenceObjective")},
+    "inferencemodelrewrites": {X_GROUP: ("v1alpha2", "InferenceModelRewrite")},
+    "inferencemodels": {X_GROUP: ("v1alpha2", "InferenceModel")},
+}
+_KIND_TO_PLURAL = {kind: plural for plural, g in RESOURCES.items() for _, kind in g.values()}
+
+ResKey = tuple[str, str]  # (group, plural)
+
+
+def _group_of(api_version: str) -> str:
+    return api_version.rpartition("/")[0] if "/" in api_version else ""
+
+
+def _now_ts(offset: float = 0.0) -> str:
+    return datetime.fromtimestamp(time.time() + offset, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matches(obj: dict[str, Any] | None, ns: str, labels: dict[str, str], fields: dict[str, str]) -> bool:
+    if obj is None:
+        return False
+    m = obj.get("metadata") or {}
+    if m.get("namespace") != ns:
+        return False
+    if fields.get("metadata.name") not in (None, m.get("name")):
+        return False
+    if fields.get("metadata.namespace") not in (None, m.get("namespace")):
+        return False
+    have = m.get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+def _parse_selector(value: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (value or "").split(","):
+        if part.strip():
+            k, _, v = part.partition("==" if "==" in part else "=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _status(code: int, message: str, reason: str = "") -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason or {410: "Expired", 404: "NotFound"}.get(code, "InternalError"),
+            "code": code}
+
+
+class FakeKube:
+    """The fake API server and its object store (thread-safe)."""
+
+    def __init__(self, bookmark_interval: float = 1.0) -> None:
+        self.bookmark_interval = bookmark_interval
+        self._cond = threading.Condition()
+        self._rv = 1
+        self._objects: dict[tuple[ResKey, str, str], dict[str, Any]] = {}
+        # (rv, reskey, type, obj, old_obj)
+        self._events: list[tuple[int, ResKey, str, dict[str, Any], dict[str, Any] | None]] = []
+        self._compacted = 0
+        self._failures: list[tuple[int, Callable[[str], bool]]] = []
+        self._uninstalled: set[str] = set()
+        self._conns: set[socket.socket] = set()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._uid = itertools.count(1)
+        self._generation = 0  # bumps on restart: open watches end
+        self.requests: list[str] = []  # "GET /path?query", for assertions
+        self.port = 0
+
+    # ---- lifecycle ----
+    def start(self) -> FakeKube:
+        self._bind()
+        return self
+
+    def stop(self) -> None:
+        self._unbind()
+
+    def __enter__(self) -> FakeKube:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _bind(self) -> None:
+        kube = self
+
+        class Handler(_Handler):
+            fake = kube
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-kube", daemon=True)
+        self._thread.start()
+
+    def _unbind(self) -> None:
+        with self._cond:
+            server, self._server = self._server, None
+            self._generation += 1
+            self._cond.notify_all()
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def restart(self, down_for: float = 0.5, compact: bool = False,
+                while_down: Callable[[], None] | None = None) -> None:
+        """Drop all connections, refuse new ones for ``down_for`` s, then serve again on the
+        same port. ``while_down`` runs while nothing is served; ``compact`` compacts before
+        coming back (so resumed watches get 410)."""
+        self._unbind()
+        if while_down is not None:
+            while_down()
+        if compact:
+            self.compact()
+        time.sleep(down_for)
+        for _ in range(50):
+            try:
+                self._bind()
+                return
+            except OSError:  # port still in TIME_WAIT on some kernels
+                time.sleep(0.05)
+        raise RuntimeError("fake kube could not re-bind its port")
+
+    def api_client(self) -> Any:
+        """A real ``kubernetes.client.ApiClient`` pointed at this server."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        cfg.retries = 0  # the discovery code does its own backoff
+        return client.ApiClient(cfg)
+
+    # ---- knobs ----
+    def compact(self) -> None:
+        """Forget history: watches from a resourceVersion older than now get 410 Gone."""
+        with self._cond:
+            self._compacted = self._rv
+            self._events.clear()
+
+    def fail_next(self, n: int = 1, status: int = 500, path_contains: str = "") -> None:
+        def pred(path: str) -> bool:
+            return path_contains in path
+
+        with self._cond:
+            for _ in range(n):
+                self._failures.append((status, pred))
+
+    def uninstall(self, plural: str) -> None:
+        with self._cond:
+            self._uninstalled.add(plural)
+
+    def install(self, plural: str) -> None:
+        with self._cond:
+            self._uninstalled.discard(plural)
+
+    def watch_count(self) -> int:
+        with self._cond:
+            return sum(1 for r in self.requests if "watch=" in r)
+
+    # ---- objects ----
+    def _key(self, obj: dict[str, Any]) -> tuple[ResKey, str, str]:
+        plural = _KIND_TO_PLURAL[obj["kind"]]
+        m = obj["metadata"]
+        return (_group_of(obj["apiVersion"]), plural), m.get("namespace", "default"), m["name"]
+
+    def _emit(self, reskey: ResKey, etype: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        self._events.append((self._rv, reskey, etype, copy.deepcopy(obj), old))
+        self._cond.notify_all()
+
+    def add(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj = copy.deepcopy(obj)
+        m = obj.setdefault("metadata", {})
+        m.setdefault("namespace", "default")
+        m.setdefault("creationTimestamp", _now_ts())
+        with self._cond:
+            key = self._key(obj)
+            if key in self._objects:
+                raise ValueError(f"{key} exists")
+            self._rv += 1
+            m["uid"] = m.get("uid") or f"uid-{next(self._uid)}"
+            m["resourceVersion"] = str(self._rv)
+            self._objects[key] = obj
+            self._emit(key[0], "ADDED", obj, None)
+        return copy.deepcopy(obj)
+
+    def get(self, kind: str, name: str, namespace: str = "default", group: str | None = None) -> dict[str, Any]:
+        with self._cond:
+            for (rk, ns, n), obj in self._objects.items():
+                if (rk[1] == _KIND_TO_PLURAL[kind] and ns == namespace and n == name
+                        and (group is None or rk[0] == group)):
+                    return copy.deepcopy(obj)
+        raise KeyError(f"{kind} {namespace}/{name}")
+
+    def update(self, kind: str, name: str, mutate: Callable[[dict[str, Any]], None],
+               namespace: str = "default", group: str | None = None) -> dict[str, Any]:
+        """Apply ``mutate`` to a copy of the object and store it (MODIFIED event)."""
+        obj = self.get(kind, name, namespace, group)
+        with self._cond:
+            key = self._key(obj)
+            old = self._objects[key]
+            mutate(obj)
+            self._rv += 1
+            obj["metadata"]["resourceVersion"] = str(self._rv)
+            self._objects[key] = obj
+            self._emit(key[0], "MODIFIED", obj, copy.deepcopy(old))
+        return copy.deepcopy(obj)
+
+    def delete(self, kind: str, name: str, namespace: str = "default", group: str | None = None) -> None:
+        obj = self.get(kind, name, namespace, group)
+        with self._cond:
+            key = self._key(obj)
+            del self._objects[key]
+            self._rv += 1
+            obj["metadata"]["resourceVersion"] = str(self._rv)
+            self._emit(key[0], "DELETED", obj, None)
+
+    # pod conveniences
+    def set_pod_ready(self, name: str, ready: bool = True, namespace: str = "default") -> None:
+        def mut(p: dict[str, Any]) -> None:
+            p["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+        self.update("Pod", name, mut, namespace)
+
+    def set_pod_ip(self, name: str, ip: str, namespace: str = "default") -> None:
+        def mut(p: dict[str, Any]) -> None:
+            p["status"]["podIP"] = ip
+            p["status"]["podIPs"] = [{"ip": ip}]
+        self.update("Pod", name, mut, namespace)
+
+    def mark_deleting(self, name: str, namespace: str = "default") -> None:
+        """What a graceful delete looks like first: deletionTimestamp set, pod still there."""
+        def mut(p: dict[str, Any]) -> None:
+            p["metadata"]["deletionTimestamp"] = _now_ts()
+            p["metadata"]["deletionGracePeriodSeconds"] = 30
+        self.update("Pod", name, mut, namespace)
+
+    def set_labels(self, kind: str, name: str, labels: dict[str, str], namespace: str = "default") -> None:
+        def mut(o: dict[str, Any]) -> None:
+            o["metadata"]["labels"] = dict(labels)
+        self.update(kind, name, mut, namespace)
+
+    # ---- request handling (server threads) ----
+    def _take_failure(self, path: str) -> int | None:
+        with self._cond:
+            for i, (status, pred) in enumerate(self._failures):
+                if pred(path):
+                    del self._failures[i]
+                    return status
+        return None
+
+    def _list(self, reskey: ResKey, ns: str, labels: dict[str, str], fields: dict[str, str]) -> dict[str, Any]:
+        version, kind = RESOURCES[reskey[1]][reskey[0]]
+        with self._cond:
+            items = [copy.deepcopy(o) for (rk, _, _), o in sorted(self._objects.items())
+                     if rk == reskey and _matches(o, ns, labels, fields)]
+            rv = self._rv
+        api_version = f"{reskey[0]}/{version}" if reskey[0] else version
+        for o in items:
+            o.setdefault("apiVersion", api_version)
+            o.setdefault("kind", kind)
+        return {"kind": f"{kind}List", "apiVersion": api_version,
+                "metadata": {"resourceVersion": str(rv)}, "items": items}
+
+    def _watch(self, handler: _Handler, reskey: ResKey, ns: str, labels: dict[str, str],
+               fields: dict[str, str], rv: int | None, bookmarks: bool, timeout: float) -> None:
+        version, kind = RESOURCES[reskey[1]][reskey[0]]
+        api_version = f"{reskey[0]}/{version}" if reskey[0] else version
+        handler.start_chunked()
+        deadline = time.monotonic() + timeout
+        next_bookmark = time.monotonic() + self.bookmark_interval
+        with self._cond:
+            generation = self._generation
+            if rv is None or rv == 0:  # "any": start from now, with synthetic ADDED for current state
+                start = self._rv
+                initial = [copy.deepcopy(o) for (rk, _, _), o in sorted(self._objects.items())
+                           if rk == reskey and _matches(o, ns, labels, fields)]
+            elif rv < self._compacted:
+                handler.send_event({"type": "ERROR", "object": _status(
+                    410, f"too old resource version: {rv} ({self._compacted})", "Expired")})
+                handler.end_chunked()
+                return
+            else:
+                start, initial = rv, []
+        for o in initial:
+            handler.send_event({"type": "ADDED", "object": o})
+        pos = start
+        while True:
+            out: list[dict[str, Any]] = []
+            with self._cond:
+                if self._generation != generation:
+                    return  # server "restarted": drop without a clean end
+                if pos < self._compacted:  # fell behind a compaction, as etcd would say
+                    out = [{"type": "ERROR", "object": _status(410, f"too old resource version: {pos}")}]
+                    break
+                for ev_rv, rk, etype, obj, old in self._events:
+                    if ev_rv <= pos or rk != reskey:
+                        continue
+                    now_in = _matches(obj, ns, labels, fields)
+                    was_in = _matches(old, ns, labels, fields)
+                    if etype == "MODIFIED":
+                        etype = ("MODIFIED" if was_in and now_in else "ADDED" if now_in
+                                 else "DELETED" if was_in else "")
+                    elif not now_in:
+                        etype = ""
+                    if etype:
+                        out.append({"type": etype, "object": copy.deepcopy(obj)})
+                pos = max(pos, self._rv)
+                now = time.monotonic()
+                if not out:
+                    wait = min(deadline, next_bookmark if bookmarks else deadline) - now
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
+            for ev in out:
+                ev["object"].setdefault("apiVersion", api_version)
+                ev["object"].setdefault("kind", kind)
+                handler.send_event(ev)
+            now = time.monotonic()
+            if bookmarks and now >= next_bookmark:
+                next_bookmark = now + self.bookmark_interval
+                handler.send_event({"type": "BOOKMARK", "object": {
+                    "kind": kind, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": str(pos)}}})
+            if now >= deadline:
+                handler.end_chunked()
+                return
+        for ev in out:
+            handler.send_event(ev)
+        handler.end_chunked()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeKube
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._cond:
+            self.fake._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._cond:
+            self.fake._conns.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _send_json(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_chunked(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def do_GET(self) -> None:
+        fake = self.fake
+        url = urlsplit(self.path)
+        if fake._server is None:  # going down: refuse like a closed port would
+            self.close_connection = True
+            return
+        with fake._cond:
+            fake.requests.append(f"GET {self.path}")
+        failure = fake._take_failure(url.path)
+        if failure is not None:
+            self._send_json(failure, _status(failure, "injected failure"))
+            return
+        parts = [p for p in url.path.split("/") if p]
+        # /api/v1/namespaces/NS/pods   or   /apis/G/V/namespaces/NS/PLURAL
+        if parts[:1] == ["api"] and len(parts) == 5 and parts[2] == "namespaces":
+            group, version, ns, plural = "", parts[1], parts[3], parts[4]
+        elif parts[:1] == ["apis"] and len(parts) == 6 and parts[3] == "namespaces":
+            group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
+        else:
+            self._send_json(404, _status(404, f"unsupported path {url.path}"))
+            return
+        known = RESOURCES.get(plural, {}).get(group)
+        if known is None or known[0] != version or plural in fake._uninstalled:
+            self._send_json(404, _status(404, f"the server could not find the requested resource ({url.path})"))
+            return
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        labels = _parse_selector(q.get("labelSelector"))
+        fields = _parse_selector(q.get("fieldSelector"))
+        if q.get("watch") in ("1", "true", "True"):
+            rv_s = q.get("resourceVersion")
+            try:
+                fake._watch(self, (group, plural), ns, labels, fields, int(rv_s) if rv_s else None,
+                            q.get("allowWatchBookmarks") in ("true", "True", "1"),
+                            float(q.get("timeoutSeconds") or 30))
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        self._send_json(200, fake._list((group, plural), ns, labels, fields))
+
+
+# ---- object builders ----
+def pod(name: str, ip: str | None, labels: dict[str, str], *, ready: bool = True,
+        namespace: str = "default", annotations: dict[str, str] | None = None,
+        created_offset: float = 0.0) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Running",
+                              "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels),
+                            "creationTimestamp": _now_ts(created_offset)}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
+            "status": status}
+
+
+def pool(name: str, selector: dict[str, str], ports: Iterable[int], *, namespace: str = "default",
+         legacy: bool = False, epp: str = "epp") -> dict[str, Any]:
+    ports = list(ports)
+    if legacy:
+        return {"apiVersion": f"{X_GROUP}/v1alpha2", "kind": "InferencePool",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"selector": dict(selector), "targetPortNumber": ports[0],
+                         "extensionRef": {"name": epp}}}
+    return {"apiVersion": f"{POOL_GROUP}/v1", "kind": "InferencePool",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"selector": {"matchLabels": dict(selector)},
+                     "targetPorts": [{"number": p} for p in ports],
+                     "endpointPickerRef": {"name": epp, "port": {"number": 9002}}}}
+
+
+def _ref(pool_name: str) -> dict[str, str]:
+    return {"group": POOL_GROUP, "kind": "InferencePool", "name": pool_name}
+
+
+def objective(name: str, pool_name: str, priority: int | None = None, *, namespace: str = "default",
+              created_offset: float = 0.0) -> dict[str, Any]:
+    spec: dict[str, Any] = {"poolRef": _ref(pool_name)}
+    if priority is not None:
+        spec["priority"] = priority
+    return {"apiVersion": f"{X_GROUP}/v1alpha2", "kind": "InferenceObjective",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": _now_ts(created_offset)},
+            "spec": spec}
+
+
+def rewrite(name: str, pool_name: str, rules: list[tuple[list[str], list[tuple[str, int]]]], *,
+            namespace: str = "default", created_offset: float = 0.0) -> dict[str, Any]:
+    """rules: [(exact model names or [] for every model, [(target, weight), ...]), ...]"""
+    return {"apiVersion": f"{X_GROUP}/v1alpha2", "kind": "InferenceModelRewrite",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": _now_ts(created_offset)},
+            "spec": {"poolRef": _ref(pool_name), "rules": [
+                {"matches": [{"model": {"type": "Exact", "value": m}} for m in matches],
+                 "targets": [{"modelRewrite": t, "weight": w} for t, w in targets]}
+                for matches, targets in rules]}}
+
+
+def inference_model(name: str, pool_name: str, model_name: str, criticality: str | None = None,
+                    targets: list[tuple[str, int]] | None = None, *, namespace: str = "default",
+                    created_offset: float = 0.0) -> dict[str, Any]:
+    spec: dict[str, Any] = {"modelName": model_name,
+                            "poolRef": {"group": X_GROUP, "kind": "InferencePool", "name": pool_name}}
+    if criticality:
+        spec["criticality"] = criticality
+    if targets:
+        spec["targetModels"] = [{"name": t, "weight": w} for t, w in targets]
+    return {"apiVersion": f"{X_GROUP}/v1alpha2", "kind": "InferenceModel",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": _now_ts(created_offset)},
+            "spec": spec}

@@ -1,0 +1,285 @@
+"""The scraper against real aiohttp model-server stand-ins on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.metrics_parser import ENGINE_TYPE_LABEL
+from epp.datalayer.scraper import MetricsScraper
+from epp.metrics import EppMetrics
+
+SAMPLE = (Path(__file__).resolve().parents[2] / "data" / "vllm_metrics_sample.txt").read_text()
+WAIT = 5.0  # upper bound for anything we wait on; tests normally finish far sooner
+
+
+def page(queue: int, running: int, kv: float) -> str:
+    return (f'vllm:num_requests_waiting{{engine="0"}} {queue}\n'
+            f'vllm:num_requests_running{{engine="0"}} {running}\n'
+            f'vllm:kv_cache_usage_perc{{engine="0"}} {kv}\n')
+
+
+class FakePod:
+    """A /metrics server whose page, status and latency the test controls."""
+
+    def __init__(self) -> None:
+        self.text = SAMPLE
+        self.status = 200
+        self.delay = 0.0
+        self.requests = 0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return web.Response(text=self.text, status=self.status, content_type="text/plain")
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port or self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def endpoint(self, name: str = "pod", **kw: object) -> Endpoint:
+        return Endpoint(name=name, address="127.0.0.1", port=self.port, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[Callable[[], Awaitable[FakePod]]]:
+    started: list[FakePod] = []
+
+    async def make() -> FakePod:
+        pod = FakePod()
+        await pod.start()
+        started.append(pod)
+        return pod
+
+    yield make
+    for pod in started:
+        await pod.stop()
+
+
+async def eventually(cond: Callable[[], bool]) -> None:
+    """Wait until ``cond()`` holds, at most WAIT seconds."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+
+
+def error_count(metrics: EppMetrics, key: str) -> float:
+    return metrics.registry.get_sample_value(
+        "epp_metrics_scrape_errors_total", {"endpoint": key}) or 0.0
+
+
+async def test_scrape_once_parses_the_real_page(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    pod = await pods()
+    ds = Datastore()
+    ep = pod.endpoint()
+    scraper = MetricsScraper(ds)
+    try:
+        before = ep.metrics
+        assert await scraper.scrape_once(ep)
+        m = ep.metrics
+        assert m is not before  # a new object, never mutated in place
+        assert (m.waiting_queue_size, m.running_requests_size, m.cache_block_size) == (2, 4, 32)
+        assert m.kv_cache_usage == 0.851063829787234
+        assert m.updated_at > 0
+    finally:
+        await scraper.stop()
+
+
+async def test_metrics_port_and_path_and_engine_type(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    pod = await pods()
+    pod.text = "sglang:num_queue_reqs 3\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\n"
+    ep = Endpoint(name="sg", address="127.0.0.1", port=1, metrics_port=pod.port,
+                  labels={ENGINE_TYPE_LABEL: "sglang"})
+    scraper = MetricsScraper(Datastore())
+    try:
+        assert scraper.url_for(ep) == f"http://127.0.0.1:{pod.port}/metrics"
+        assert await scraper.scrape_once(ep)
+        assert (ep.metrics.waiting_queue_size, ep.metrics.kv_cache_usage) == (3, 0.5)
+    finally:
+        await scraper.stop()
+    other = MetricsScraper(Datastore(), path="custom")
+    assert other.url_for(ep).endswith("/custom")
+
+
+async def test_follows_updates_goes_stale_on_death_and_recovers(
+        pods: Callable[[], Awaitable[FakePod]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="epp.datalayer.scraper")
+    pod = await pods()
+    pod.text = page(1, 1, 0.1)
+    ds = Datastore()
+    ep = pod.endpoint()
+    ds.replace_endpoints([ep])
+    metrics = EppMetrics()
+    scraper = MetricsScraper(ds, interval=0.02, timeout=0.5, max_backoff=0.1, metrics=metrics)
+    await scraper.start()
+    try:
+        await eventually(lambda: ep.metrics.waiting_queue_size == 1)
+        pod.text = page(7, 3, 0.5)
+        await eventually(lambda: ep.metrics.waiting_queue_size == 7)
+        assert (ep.metrics.running_requests_size, ep.metrics.kv_cache_usage) == (3, 0.5)
+
+        # the pod dies: metrics stop moving, the last values stay, errors are counted
+        port = pod.port
+        await pod.stop()
+        await eventually(lambda: error_count(metrics, ep.key) >= 3)
+        frozen = ep.metrics
+        await asyncio.sleep(0.15)
+        assert ep.metrics is frozen and ep.metrics.waiting_queue_size == 7
+        assert not ep.is_fresh(frozen.updated_at + 10, 2.0)
+        failing_logs = [r for r in caplog.records if r.getMessage() == "metrics scrape failing"]
+        assert len(failing_logs) == 1  # once per failing streak, not every scrape
+
+        # it comes back on the same port: the collector recovers and logs it once
+        pod.text = page(2, 2, 0.2)
+        await pod.start(port)
+        await eventually(lambda: ep.metrics.waiting_queue_size == 2)
+        assert ep.metrics.updated_at > frozen.updated_at
+        await eventually(lambda: any(r.getMessage() == "metrics scrape recovered"
+                                     for r in caplog.records))
+        assert sum(r.getMessage() == "metrics scrape failing" for r in caplog.records) == 1
+    finally:
+        await scraper.stop()
+
+
+async def test_http_error_keeps_old_metrics_and_backs_off(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    pod = await pods()
+    ds = Datastore()
+    ep = pod.endpoint()
+    ds.replace_endpoints([ep])
+    metrics = EppMetrics()
+    scraper = MetricsScraper(ds, interval=0.01, max_backoff=0.2, metrics=metrics)
+    try:
+        assert await scraper.scrape_once(ep)
+        good = ep.metrics
+        pod.status = 500
+        assert not await scraper.scrape_once(ep)
+        assert ep.metrics is good
+        assert error_count(metrics, ep.key) == 1
+
+        await scraper.start()
+        pod.requests = 0
+        await asyncio.sleep(0.8)
+        # without backoff this would be ~80 scrapes; with backoff capped at 0.2 s, a handful
+        assert 1 <= pod.requests <= 20
+        assert ep.metrics is good
+    finally:
+        await scraper.stop()
+
+
+async def test_timeout_is_a_failure(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    pod = await pods()
+    pod.delay = 0.3
+    ep = pod.endpoint()
+    metrics = EppMetrics()
+    scraper = MetricsScraper(Datastore(), timeout=0.1, metrics=metrics)
+    try:
+        assert not await asyncio.wait_for(scraper.scrape_once(ep), WAIT)
+        assert ep.metrics.updated_at == 0
+        assert error_count(metrics, ep.key) == 1
+    finally:
+        await scraper.stop()
+
+
+async def test_collectors_follow_the_datastore(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    a, b = await pods(), await pods()
+    a.text, b.text = page(1, 0, 0.0), page(2, 0, 0.0)
+    ds = Datastore()
+    ep_a = a.endpoint("a")
+    ds.replace_endpoints([ep_a])
+    metrics = EppMetrics()
+    scraper = MetricsScraper(ds, interval=0.02, metrics=metrics)
+    await scraper.start()
+    try:
+        await eventually(lambda: ep_a.metrics.updated_at > 0)
+        assert scraper.collector_keys() == {ep_a.key}
+
+        ep_b = b.endpoint("b")
+        ds.upsert_endpoint(ep_b)
+        await eventually(lambda: ep_b.metrics.waiting_queue_size == 2)
+        assert scraper.collector_keys() == {ep_a.key, ep_b.key}
+
+        ds.remove_endpoint(ep_a.key)
+        await eventually(lambda: scraper.collector_keys() == {ep_b.key})
+        await asyncio.sleep(0.05)
+        seen = a.requests
+        await asyncio.sleep(0.15)
+        assert a.requests == seen  # nobody scrapes a removed endpoint
+
+        # re-added as a new object with the same key: a fresh collector for the new object
+        ep_a2 = a.endpoint("a")
+        ds.upsert_endpoint(ep_a2)
+        await eventually(lambda: ep_a2.metrics.updated_at > 0)
+
+        ds.clear()
+        await eventually(lambda: scraper.collector_keys() == frozenset())
+    finally:
+        await scraper.stop()
+    assert scraper.collector_keys() == frozenset()
+
+
+async def test_listener_called_from_another_thread(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    pod = await pods()
+    ds = Datastore()
+    scraper = MetricsScraper(ds, interval=0.02)
+    await scraper.start()
+    ep = pod.endpoint()
+    try:
+        t = threading.Thread(target=ds.replace_endpoints, args=([ep],))
+        t.start()
+        await asyncio.to_thread(t.join)
+        await eventually(lambda: ep.metrics.updated_at > 0)
+    finally:
+        await scraper.stop()
+
+
+async def test_missing_family_logged_once(pods: Callable[[], Awaitable[FakePod]],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="epp.datalayer.scraper")
+    pod = await pods()
+    # no KV gauge (required); no lora / cache config families (optional, not reported)
+    pod.text = "\n".join(line for line in page(1, 1, 0.1).splitlines() if "kv_cache_usage_perc" not in line)
+    ep = pod.endpoint()
+    scraper = MetricsScraper(Datastore())
+    try:
+        for _ in range(5):
+            assert await scraper.scrape_once(ep)
+        msgs = [r for r in caplog.records if r.getMessage().startswith("metric families missing")]
+        assert len(msgs) == 1
+        assert set(msgs[0].missing) == {"vllm:kv_cache_usage_perc"}  # type: ignore[attr-defined]
+        pod.text = SAMPLE
+        assert await scraper.scrape_once(ep)
+        assert any(r.getMessage() == "metric families present again" for r in caplog.records)
+    finally:
+        await scraper.stop()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        MetricsScraper(Datastore(), interval=0)
+    with pytest.raises(ValueError):
+        MetricsScraper(Datastore(), scheme="ftp")
+    with pytest.raises(ValueError, match="unknown field"):
+        MetricsScraper(Datastore(), engine_configs={"vllm": {"nope": "x"}})
