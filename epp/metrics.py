@@ -115,3 +115,62 @@ class EppMetrics:
         self.scrape_errors = Counter(
             "epp_metrics_scrape_errors_total", "Failed model-server metric scrapes.",
             ("endpoint",), registry=r)
+
+
+class ModelSeries:
+    """The per-(model, target model) metric children, resolved once and reused.
+
+    ``Metric.labels(...)`` costs a few µs per call (it validates and hashes the label
+    values); a request records about ten of them, so the request path looks them up here
+    instead: one dict lookup per request.
+    """
+
+    __slots__ = (
+        "_errors", "_metrics", "_priorities", "cached_tokens", "duration", "input_tokens", "labels",
+        "output_tokens", "request_sizes", "response_sizes", "running", "tpot",
+    )
+
+    def __init__(self, metrics: EppMetrics, model: str, target: str) -> None:
+        self._metrics = metrics
+        self.labels = (model, target)
+        self.request_sizes = metrics.request_sizes.labels(model, target)
+        self.response_sizes = metrics.response_sizes.labels(model, target)
+        self.duration = metrics.request_duration.labels(model, target)
+        self.input_tokens = metrics.input_tokens.labels(model, target)
+        self.output_tokens = metrics.output_tokens.labels(model, target)
+        self.cached_tokens = metrics.prompt_cached_tokens.labels(model, target)
+        self.tpot = metrics.normalized_tpot.labels(model, target)
+        self.running = metrics.running_requests.labels(model)
+        self._priorities: dict[int, Counter] = {}
+        self._errors: dict[str, Counter] = {}
+
+    def requests(self, priority: int) -> Counter:
+        c = self._priorities.get(priority)
+        if c is None:
+            c = self._priorities[priority] = self._metrics.request_total.labels(*self.labels, str(priority))
+        return c
+
+    def errors(self, code: str) -> Counter:
+        c = self._errors.get(code)
+        if c is None:
+            c = self._errors[code] = self._metrics.request_error_total.labels(*self.labels, code)
+        return c
+
+
+class ModelSeriesCache:
+    """``ModelSeries`` by (model, target). Bounded: model names come from clients, so an
+    unbounded map would let a client grow the picker's memory (and Prometheus' cardinality)."""
+
+    def __init__(self, metrics: EppMetrics, max_entries: int = 1024) -> None:
+        self.metrics = metrics
+        self.max_entries = max_entries
+        self._series: dict[tuple[str, str], ModelSeries] = {}
+
+    def get(self, model: str, target: str) -> ModelSeries:
+        key = (model, target)
+        s = self._series.get(key)
+        if s is None:
+            if len(self._series) >= self.max_entries:
+                self._series.clear()  # rare: rebuild lazily rather than track recency on the hot path
+            s = self._series[key] = ModelSeries(self.metrics, model, target)
+        return s

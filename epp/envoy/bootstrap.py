@@ -203,7 +203,9 @@ def _ext_proc_filter(spec: EnvoySpec) -> hcm.HttpFilter:
         processing_mode=pm,
         metadata_options=ext_proc.MetadataOptions(
             receiving_namespaces=ext_proc.MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
-            forwarding_namespaces=ext_proc.MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE, SUBSET_NAMESPACE]),
+            forwarding_namespaces=ext_proc.MetadataOptionsMetadataNamespaces(
+                untyped=[LB_NAMESPACE, SUBSET_NAMESPACE]
+            ),
         ),
     )
     return hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=PbAny.pack(cfg))
@@ -226,7 +228,9 @@ def build_bootstrap(spec: EnvoySpec) -> bootstrap.Bootstrap:
             hcm.HttpFilter(
                 name="envoy.filters.http.set_metadata",
                 typed_config=PbAny.pack(
-                    set_metadata.Config(metadata=[set_metadata.Metadata(metadata_namespace=SUBSET_NAMESPACE, value=hint)])
+                    set_metadata.Config(
+                        metadata=[set_metadata.Metadata(metadata_namespace=SUBSET_NAMESPACE, value=hint)]
+                    )
                 ),
             )
         )

@@ -51,6 +51,17 @@ def _headers(header_map: Any) -> dict[str, str]:
     return out
 
 
+def _response_headers(header_map: Any) -> dict[str, str]:
+    """Only what the response path reads (status, content type): cheaper than all of them."""
+    out: dict[str, str] = {}
+    for h in header_map.headers:
+        key = h.key
+        if key == ":status" or key == "content-type":
+            raw = h.raw_value
+            out[key] = raw.decode("utf-8", "replace") if raw else h.value
+    return out
+
+
 def _value(v: struct_pb2.Value) -> Any:
     kind = v.WhichOneof("kind")
     if kind == "string_value":
@@ -178,7 +189,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         yield msgs.EMPTY_RESPONSE_HEADERS
                         continue
                     rh = msg.response_headers
-                    hdrs = _headers(rh.headers)
+                    hdrs = _response_headers(rh.headers)
                     director.response_headers(ctx, hdrs, _served(msg))
                     sse = ctx.response.streaming
                     yield msgs.EMPTY_RESPONSE_HEADERS

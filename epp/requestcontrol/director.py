@@ -22,7 +22,7 @@ import orjson
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
-from epp.metrics import EppMetrics
+from epp.metrics import EppMetrics, ModelSeries, ModelSeriesCache
 from epp.requestcontrol import errors
 from epp.requestcontrol.admission import admit as legacy_admit
 from epp.requestcontrol.body import parse_body
@@ -115,7 +115,7 @@ class RequestContext:
     response: ResponseInfo = field(default_factory=ResponseInfo)
     rewriter: BodyRewriter | None = None
     completed: bool = False
-    model_label: tuple[str, str] = ("", "")
+    series: ModelSeries | None = None  # metric children for this request's (model, target)
 
 
 def estimate_prompt_tokens(prefix_text_len: int) -> int:
@@ -137,6 +137,12 @@ class Director:
     #: while a fresh endpoint exists); ``--metrics-staleness-threshold``
     staleness: float = 2.0
     rng: random.Random = field(default_factory=random.Random)
+    _series: ModelSeriesCache | None = None
+    _served: dict[tuple[str, bool], Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:
+            self._series = ModelSeriesCache(self.metrics)
 
     # ---------------------------------------------------------------- request
     def new_context(self, headers: dict[str, str], subset_hint: Any = None) -> RequestContext:
@@ -214,12 +220,12 @@ class Director:
             cache_salt=parsed.cache_salt,
         )
         ctx.request = req
-        ctx.model_label = (parsed.model, target)
-        if metrics is not None:
-            metrics.request_total.labels(parsed.model, target, str(priority)).inc()
-            metrics.request_sizes.labels(parsed.model, target).observe(len(raw))
-            if rule is not None:
-                metrics.model_rewrite_decisions.labels(rule.source, parsed.model, target).inc()
+        series = ctx.series = self._series.get(parsed.model, target) if self._series is not None else None
+        if series is not None:
+            series.requests(priority).inc()
+            series.request_sizes.observe(len(raw))
+        if metrics is not None and rule is not None:
+            metrics.model_rewrite_decisions.labels(rule.source, parsed.model, target).inc()
         try:
             candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
             try:
@@ -227,8 +233,8 @@ class Director:
             except SchedulingError as exc:
                 raise errors.shed(f"failed to schedule the request: {exc}") from None
         except RequestError as exc:
-            if metrics is not None:
-                metrics.request_error_total.labels(parsed.model, target, exc.code).inc()
+            if series is not None:
+                series.errors(exc.code).inc()
             raise
         for plugin in self.pre_request:
             plugin.pre_request(req, result)
@@ -239,8 +245,8 @@ class Director:
         primary.inflight += 1
         primary.inflight_tokens += ctx.inflight_tokens
         ctx.destination = primary.key if len(targets) == 1 else ",".join(e.key for e in targets)
-        if metrics is not None:
-            metrics.running_requests.labels(parsed.model).inc()
+        if series is not None:
+            series.running.inc()
         ctx.rewriter = BodyRewriter(ctx.response, target, parsed.model)
         if target != parsed.model:
             parsed.body["model"] = target
@@ -261,10 +267,15 @@ class Director:
         m = self.metrics
         if m is not None:
             if served:
-                primary = ctx.destination.split(",", 1)[0]
-                m.served_endpoint_total.labels(served, "true" if served == primary else "false").inc()
-            if info.status >= 400 or info.status == 0:
-                m.request_error_total.labels(*ctx.model_label, errors.MODEL_SERVER_ERROR).inc()
+                key = (served, ctx.destination.split(",", 1)[0] == served)
+                child = self._served.get(key)
+                if child is None:
+                    if len(self._served) > 4096:  # endpoints churn in Kubernetes; keep it bounded
+                        self._served.clear()
+                    child = self._served[key] = m.served_endpoint_total.labels(served, "true" if key[1] else "false")
+                child.inc()
+            if (info.status >= 400 or info.status == 0) and ctx.series is not None:
+                ctx.series.errors(errors.MODEL_SERVER_ERROR).inc()
 
     def complete(self, ctx: RequestContext) -> None:
         """Response finished, or the stream ended early (client gone, upstream reset)."""
@@ -280,20 +291,19 @@ class Director:
         if req is None:
             return
         self.admission.release(req, info)
-        m = self.metrics
-        if m is not None:
-            labels = ctx.model_label
-            m.running_requests.labels(labels[0]).dec()
+        s = ctx.series
+        if s is not None:
+            s.running.dec()
             elapsed = time.monotonic() - ctx.received_at
-            m.request_duration.labels(*labels).observe(elapsed)
+            s.duration.observe(elapsed)
             if ctx.rewriter is not None:
-                m.response_sizes.labels(*labels).observe(ctx.rewriter.size)
+                s.response_sizes.observe(ctx.rewriter.size)
             if info.prompt_tokens is not None:
-                m.input_tokens.labels(*labels).observe(info.prompt_tokens)
+                s.input_tokens.observe(info.prompt_tokens)
             if info.completion_tokens:
-                m.output_tokens.labels(*labels).observe(info.completion_tokens)
-                m.normalized_tpot.labels(*labels).observe(elapsed / info.completion_tokens)
+                s.output_tokens.observe(info.completion_tokens)
+                s.tpot.observe(elapsed / info.completion_tokens)
             if info.cached_tokens is not None:
-                m.prompt_cached_tokens.labels(*labels).observe(info.cached_tokens)
+                s.cached_tokens.observe(info.cached_tokens)
         for plugin in self.response_complete:
             plugin.response_complete(req, info, ep)

@@ -100,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_discovery(args: argparse.Namespace) -> Discovery:
     chosen = [n for n in ("endpoints", "pool_file", "pool_name", "endpoint_selector") if getattr(args, n)]
+    if args.endpoint_target_ports and not args.endpoint_selector:
+        raise ConfigError("--endpoint-target-ports needs --endpoint-selector")
     if len(chosen) != 1:
         flags = ", ".join("--" + n.replace("_", "-") for n in chosen) or "none"
         raise ConfigError(
@@ -112,15 +114,18 @@ def build_discovery(args: argparse.Namespace) -> Discovery:
         return StaticDiscovery.from_endpoints_flag(args.endpoints)
     if args.pool_file:
         return StaticDiscovery.from_pool_file(args.pool_file)
-    from epp.discovery.kubernetes import discovery_from_flags
+    from epp.discovery.kubernetes import KubernetesDiscovery, parse_endpoint_selector, parse_target_ports
 
-    return discovery_from_flags(
-        pool_name=args.pool_name,
-        pool_namespace=args.pool_namespace,
-        pool_group=args.pool_group,
-        endpoint_selector=args.endpoint_selector,
-        endpoint_target_ports=args.endpoint_target_ports,
-    )
+    try:
+        return KubernetesDiscovery(
+            pool_name=args.pool_name or None,
+            pool_namespace=args.pool_namespace or None,
+            pool_group=args.pool_group,
+            endpoint_selector=parse_endpoint_selector(args.endpoint_selector) if args.endpoint_selector else None,
+            target_ports=parse_target_ports(args.endpoint_target_ports) if args.endpoint_target_ports else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:

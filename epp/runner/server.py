@@ -77,6 +77,8 @@ class PickerServer:
     _scraper: MetricsScraper | None = None
     _pool_metrics: PoolMetricsRefresher | None = None
     _plugins: dict[str, Any] = field(default_factory=dict)
+    _readiness_task: asyncio.Task[None] | None = None
+    _ready: bool = False
 
     async def start(self) -> None:
         opts = self.options
@@ -156,8 +158,8 @@ class PickerServer:
         else:
             self.bound_ports["grpc"] = self._grpc.add_insecure_port(addr)
         await self._grpc.start()
-        if self.datastore.synced:
-            await self.set_ready(True)
+        await self.set_ready(self.datastore.synced)
+        self._readiness_task = asyncio.get_running_loop().create_task(self._follow_readiness())
         log.info(
             "picker started",
             extra={
@@ -168,12 +170,23 @@ class PickerServer:
             },
         )
 
+    async def _follow_readiness(self) -> None:
+        """Readiness tracks the datastore's sync state (a deleted InferencePool un-syncs it)."""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.datastore.synced != self._ready:
+                await self.set_ready(self.datastore.synced)
+                log.info("readiness changed", extra={"ready": self._ready})
+
     async def set_ready(self, ready: bool) -> None:
+        self._ready = ready
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for svc in READINESS_SERVICES:
             await self._health.set(svc, status)
 
     async def stop(self) -> None:
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
         if self._health is not None:
             await self.set_ready(False)
         if self._grpc is not None:

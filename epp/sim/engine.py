@@ -10,12 +10,17 @@ through a future only when they got a token.
 Step cost (simulated seconds, then x ``time_scale``)::
 
     f(n)  = 1 + (time_factor_under_load - 1) * (n - 1) / (max_num_seqs - 1)   # n = running seqs
-    cost  = f(n) * ( inter_token_latency            if any sequence is decoding
-                   + prefill_time_per_token * uncached prompt tokens scheduled this step
-                   + prefill_overhead * requests whose prefill starts this step
+    cost  = f(n) * ( max(inter_token_latency        if any sequence is decoding,
+                         prefill_time_per_token * uncached prompt tokens scheduled this step)
                    + lora_load_delay * adapters loaded into a GPU slot this step )
 
-A lone request therefore sees TTFT = overhead + uncached x per-token and then one token per
+The ``max`` is a roofline: a decode step is memory-bound (weights + KV reads), so prompt tokens
+batched into it cost little until their compute exceeds that time (vLLM's chunked prefill).
+
+``prefill_overhead`` is latency *before* the engine sees a request (the server sleeps it before
+``submit``), not engine time: charging 30 ms of step time per admitted prompt would let the
+overhead alone saturate a pod at ~30 req/s, far below what the profile's H100 sustains. A lone
+request therefore sees TTFT = overhead + uncached x per-token and then one token per
 ``inter_token_latency`` — the llm-d-inference-sim per-token model — while load, queueing beyond
 ``max_num_seqs``, KV-cache exhaustion (preemption) and cache hits change it the way they do in
 vLLM.
@@ -69,7 +74,6 @@ class Sequence:
     num_registered: int = 0
     generated: int = 0
     cached_tokens: int = -1  # set at first admission (local hits + transferred)
-    prefill_started: bool = False
     preemptions: int = 0
     state: SeqState = SeqState.WAITING
     finish_reason: str | None = None
@@ -259,7 +263,6 @@ class Engine:
         scheduled: list[tuple[Sequence, int]] = []
         decoding = False
         prefill_tokens = 0
-        overheads = 0
         lora_loads = 0
         preempted = False
         running = self.running
@@ -308,10 +311,6 @@ class Engine:
                 scheduled.append((seq, n))
                 budget -= n
                 prefill_tokens += n
-                if not seq.prefill_started:
-                    seq.prefill_started = True
-                    if not seq.remote_prefill:
-                        overheads += 1
                 if seq.lora is not None:
                     active.add(seq.lora.name)
                     if seq.lora.name in self.lora_slots:
@@ -328,9 +327,7 @@ class Engine:
         self.stats.h_iteration_tokens.observe(float(cfg.max_num_batched_tokens - budget))
         self.steps += 1
         cost = (
-            (cfg.inter_token_latency if decoding else 0.0)
-            + prefill_tokens * cfg.prefill_time_per_token
-            + overheads * cfg.prefill_overhead
+            max(cfg.inter_token_latency if decoding else 0.0, prefill_tokens * cfg.prefill_time_per_token)
             + lora_loads * cfg.lora_load_delay
         ) * self._load_factor(len(running))
         return scheduled, cost

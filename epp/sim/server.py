@@ -302,6 +302,8 @@ class PodServer:
         engine = self.engine
         if seq.remote_prefill:
             await self._transfer(seq)
+        elif cfg.prefill_overhead > 0:
+            await asyncio.sleep(cfg.prefill_overhead * cfg.time_scale)
         try:
             engine.submit(seq)
         except QueueFullError:

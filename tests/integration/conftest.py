@@ -65,7 +65,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def picker_metrics(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for fam in text_string_to_metric_families(text):
@@ -91,7 +91,7 @@ class MetricsStub:
         body = page.encode()
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "text/plain")
                 self.send_header("content-length", str(len(body)))

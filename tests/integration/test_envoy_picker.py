@@ -7,7 +7,6 @@ an operator sees (status, body, the pod that served, the picker's metrics).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import aiohttp
@@ -185,7 +184,7 @@ async def test_pod_whose_metrics_go_stale_stops_receiving_traffic(cluster: Clust
     first = await asyncio.gather(*(post(port, chat(f"before {i} " * 30)) for i in range(10)))
     assert b in {int(h["x-inference-port"]) for _, h, _ in first}  # b is a normal member while fresh
     metrics_stub.stop()
-    time.sleep(1.5)  # past the 1 s staleness threshold
+    await asyncio.sleep(1.5)  # past the 1 s staleness threshold
     after = [await post(port, chat(f"after {i} " * 30)) for i in range(10)]
     assert {int(h["x-inference-port"]) for _, h, _ in after} == {a}
 
