@@ -176,9 +176,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             decision.destination,
                             set_headers,
                             bytes(out_body) if decision.body_mutated else None,
+                            decision.remove_headers,
                         )
                     else:
-                        yield msgs.routed_headers_response(decision.destination, set_headers)
+                        yield msgs.routed_headers_response(decision.destination, set_headers, decision.remove_headers)
                         for out in msgs.streamed_body_responses(out_body, request=True):
                             yield out
                     body = bytearray()

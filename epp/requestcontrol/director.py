@@ -96,6 +96,7 @@ class RoutingDecision:
     body: bytes | bytearray | None  # body to forward (None for header-only requests)
     body_mutated: bool = False
     set_headers: dict[str, str] = field(default_factory=dict)
+    remove_headers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -250,8 +251,10 @@ class Director:
         ctx.rewriter = BodyRewriter(ctx.response, target, parsed.model)
         if target != parsed.model:
             parsed.body["model"] = target
-            return RoutingDecision(ctx.destination, orjson.dumps(parsed.body), True, result.headers)
-        return RoutingDecision(ctx.destination, raw, False, result.headers)
+            return RoutingDecision(
+                ctx.destination, orjson.dumps(parsed.body), True, result.headers, tuple(result.remove_headers)
+            )
+        return RoutingDecision(ctx.destination, raw, False, result.headers, tuple(result.remove_headers))
 
     # --------------------------------------------------------------- response
     def response_headers(self, ctx: RequestContext, headers: Mapping[str, str], served: str | None) -> None:

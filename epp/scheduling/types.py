@@ -64,6 +64,8 @@ class SchedulingResult:
     primary_profile_name: str
     #: extra request headers to set upstream (e.g. P/D's x-prefiller-host-port)
     headers: dict[str, str] = field(default_factory=dict)
+    #: request headers to strip before forwarding (e.g. a client-sent x-prefiller-host-port)
+    remove_headers: list[str] = field(default_factory=list)
 
     @property
     def primary(self) -> ProfileRunResult:
