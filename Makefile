@@ -20,6 +20,9 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/epp demo
 
+run-pd: $(STAMP)
+	$(VENV)/bin/epp demo --pd
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check epp tests benchmarks
 	$(VENV)/bin/mypy

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     g.add_argument("--num-requests", type=int, default=0, help="cap on requests per run (0 = duration only)")
     g.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for stragglers")
+    g.add_argument("--warmup", type=float, default=0.0,
+                   help="seconds at the start excluded from the statistics (the pods' counters are scraped "
+                        "there): measures steady state instead of cold caches")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT SLO (s) for goodput")
 
@@ -164,20 +167,23 @@ def run_one(args: argparse.Namespace, spec: RouterSpec, wp: WorkloadParams, item
         before = _scrape(pool.http_ports)
         cpu0 = _cpu_snapshot(named)
         gen = LoadGen(url, items, label=f"{spec.label} @ {wp.rate:g} r/s", drain_timeout=args.drain_timeout,
-                      progress=not args.no_progress, block_size=args.block_size)
+                      progress=not args.no_progress, block_size=args.block_size, warmup=args.warmup,
+                      on_warmup=(lambda: _scrape(pool.http_ports)) if args.warmup > 0 else None)
         records, _wall = _run_async(gen.run())
+        if gen.warmup_result is not None:
+            before = gen.warmup_result
         cpu1 = _cpu_snapshot(named)
         after = _scrape(pool.http_ports)
         for p in [*procs, sim]:
             if not p.alive():
                 log(f"warning: {p.name} exited during the run:\n{p.log_tail()}")
-    summary = report.summarize(records, before, after, wp.rate, args.slo_ttft)
+    summary = report.summarize(records, before, after, wp.rate, args.slo_ttft, warmup=args.warmup)
     run = {"router": spec.label, "spec": spec.describe(), "rate": wp.rate, "summary": summary,
            "cpu": _cpu_percent(cpu0, cpu1), "logs": str(workdir)}
     with (workdir / "requests.jsonl").open("wb") as f:
         for r in records:
             f.write(orjson.dumps(r.to_json()) + b"\n")
-    return run, [r.ttft for r in records if r.ok and r.ttft is not None]
+    return run, [r.ttft for r in records if r.ok and r.ttft is not None and r.scheduled >= args.warmup]
 
 
 def _run_async(coro: Any) -> Any:
@@ -203,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         " ".join(shlex.quote(a) for a in sys.argv)
     result: dict[str, Any] = {
         "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "workload": _params(args, rates[0]).describe(),
+        "workload": {**_params(args, rates[0]).describe(), "warmup_s": args.warmup},
         "pool": {"pods": args.pods, "num_gpu_blocks": args.num_gpu_blocks, "block_size": args.block_size,
                  "max_num_seqs": args.max_num_seqs, "time_scale": args.time_scale, "sim_args": args.sim_args},
         "machine": {"cpus": os.cpu_count()},

@@ -115,6 +115,11 @@ class LoadGen:
     request_timeout: float = 300.0
     progress: bool = True
     block_size: int = 16
+    #: called (in a thread) once, ``warmup`` seconds after the start: the harness scrapes the
+    #: pods' counters there so the measured window excludes the cold start
+    warmup: float = 0.0
+    on_warmup: Callable[[], Any] | None = None
+    warmup_result: Any = None
     records: list[Record] = field(default_factory=list)
     _inflight: int = 0
     _done: int = 0
@@ -189,6 +194,11 @@ class LoadGen:
         recent.sort()
         return f"ttft_p50(recent)={recent[len(recent) // 2]:.3f}s"
 
+    async def _warmup(self) -> Any:
+        await asyncio.sleep(max(0.0, self.warmup - (time.perf_counter() - self._t0)))
+        assert self.on_warmup is not None
+        return await asyncio.to_thread(self.on_warmup)
+
     async def run(self) -> tuple[list[Record], float]:
         """Send everything; returns the records and the wall time from first send to last end."""
         self.records = [Record(it.idx, it.at, ideal_cached=it.ideal_cached, group=it.group,
@@ -206,6 +216,7 @@ class LoadGen:
                                               done_events[it.idx]))
                 for it, rec in zip(self.items, self.records, strict=True)
             ]
+            warm = asyncio.create_task(self._warmup()) if self.on_warmup is not None else None
             last_at = self.items[-1].at if self.items else 0.0
             try:
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
@@ -218,6 +229,8 @@ class LoadGen:
                     if r.status == 0 and not r.error:
                         r.error = "not finished before the drain timeout"
             finally:
+                if warm is not None:
+                    self.warmup_result = await warm
                 if prog is not None:
                     prog.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

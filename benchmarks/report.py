@@ -39,7 +39,12 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def summarize(records: list[Record], pods_before: dict[str, dict[str, float]],
-              pods_after: dict[str, dict[str, float]], offered_rate: float, slo_ttft: float) -> dict[str, Any]:
+              pods_after: dict[str, dict[str, float]], offered_rate: float, slo_ttft: float,
+              warmup: float = 0.0) -> dict[str, Any]:
+    """Statistics over the requests scheduled after ``warmup`` seconds (``pods_before`` must be
+    scraped at that moment too)."""
+    all_records = records
+    records = [r for r in records if r.scheduled >= warmup]
     ok = [r for r in records if r.ok]
     sent = [r for r in records if r.sent > 0 or r.status]
     errors = Counter((r.error.split(":", 1)[0] if r.error else f"HTTP {r.status}") for r in records if not r.ok)
@@ -75,6 +80,8 @@ def summarize(records: list[Record], pods_before: dict[str, dict[str, float]],
     hit_rate_usage = cached / prompt if prompt else 0.0
     return {
         "offered_rps": offered_rate,
+        "warmup_s": warmup,
+        "warmup_requests": len(all_records) - len(records),
         "requests": len(records),
         "ok": len(ok),
         "errors": sum(errors.values()),

@@ -115,6 +115,77 @@ class EppMetrics:
         self.scrape_errors = Counter(
             "epp_metrics_scrape_errors_total", "Failed model-server metric scrapes.",
             ("endpoint",), registry=r)
+        # --- precise prefix-cache index (KV events; epp/datalayer/kvevents) ---
+        self.precise_index_entries = Gauge(
+            "epp_precise_prefix_index_entries",
+            "(block, endpoint) entries in the precise prefix index (from KV events).", registry=r)
+        self.precise_index_keys = Gauge(
+            "epp_precise_prefix_index_blocks", "Distinct block keys in the precise prefix index.",
+            registry=r)
+        self.precise_speculative_entries = Gauge(
+            "epp_precise_prefix_speculative_entries",
+            "Speculative (picked, not yet confirmed by events) entries in the precise index.",
+            registry=r)
+        self.precise_hit_ratio = Histogram(
+            "epp_precise_prefix_hit_ratio",
+            "Matched prefix blocks / request blocks in the precise index, for the chosen endpoint.",
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.kv_events = Counter(
+            "epp_kv_events_total", "KV-cache events applied to the precise index, by type.",
+            ("type",), registry=r)
+        self.kv_events_gaps = Counter(
+            "epp_kv_events_gaps_total", "Sequence gaps seen in KV-event streams.", registry=r)
+        self.kv_events_replays = Counter(
+            "epp_kv_events_replays_total", "Replay requests to engines' replay sockets, by outcome.",
+            ("outcome",), registry=r)
+        self.kv_events_resyncs = Counter(
+            "epp_kv_events_resyncs_total",
+            "Endpoints whose index entries were dropped to resync (gap without replay, restart).",
+            ("reason",), registry=r)
+        self.kv_events_decode_errors = Counter(
+            "epp_kv_events_decode_errors_total", "KV-event messages that could not be decoded.",
+            registry=r)
+        self.kv_event_subscribers = Gauge(
+            "epp_kv_event_subscribers", "Endpoints with a KV-event subscription.", registry=r)
+        # --- flow control (GIE names, gie.md §6; epp/flowcontrol) ---
+        _FC = ("fairness_id", "priority", "inference_pool", *_M)
+        self.fc_queue_duration = Histogram(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "Time a request spent in the flow-control queue, by outcome (Dispatched, "
+            "RejectedCapacity, RejectedSheddable, EvictedTTL, EvictedNoEndpoints, "
+            "EvictedContextCancelled, EvictedOther).",
+            (*_FC, "outcome"), buckets=_REQUEST_BUCKETS, registry=r)
+        self.fc_queue_size = Gauge(
+            "inference_extension_flow_control_queue_size", "Requests waiting in flow control.",
+            _FC, registry=r)
+        self.fc_queue_bytes = Gauge(
+            "inference_extension_flow_control_queue_bytes", "Bytes of requests waiting in flow control.",
+            _FC, registry=r)
+        self.fc_pool_saturation = Gauge(
+            "inference_extension_flow_control_pool_saturation",
+            "Saturation the dispatcher last saw (>= 1 holds requests back).", ("inference_pool",), registry=r)
+        self.fc_dispatch_cycle = Histogram(
+            "inference_extension_flow_control_dispatch_cycle_duration_seconds",
+            "Time of one dispatch cycle.", buckets=_LATENCY_BUCKETS, registry=r)
+        # ours: tokens served per tenant (real usage), and demand for autoscalers (KEDA)
+        self.fc_tokens_served = Counter(
+            "epp_flow_control_tokens_served_total",
+            "Tokens served per fairness id, from the response usage; type is prompt (uncached), "
+            "cached or completion.", ("fairness_id", "priority", "inference_pool", "type"), registry=r)
+        self.fc_demand = Gauge(
+            "epp_pool_demand_requests",
+            "Requests the picker holds (state=queued, incl. those waiting for an empty pool to "
+            "scale up) or has in flight (state=inflight): the KEDA scaling signal.",
+            ("inference_pool", "state"), registry=r)
+        # --- P/D disaggregation (disagg-profile-handler) ---
+        self.pd_decisions = Counter(
+            "epp_pd_decisions_total",
+            "P/D decisions: decision is disaggregated|aggregated, reason why (decider or handler).",
+            ("decision", "reason"), registry=r)
+        self.pd_prefill_endpoint = Counter(
+            "epp_pd_prefill_endpoint_total",
+            "Disaggregated requests by the prefill endpoint chosen (ip:port).",
+            ("endpoint",), registry=r)
 
 
 class ModelSeries:

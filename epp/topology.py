@@ -229,6 +229,16 @@ class Topology:
         argv += list(extra)
         return self.start(name, argv, ready=lambda: grpc_serving(HOST, health_port), timeout=timeout)
 
+    def start_sidecar(
+        self, port: int, engine_port: int, extra: Sequence[str] = (), name: str = "sidecar",
+        timeout: float = 30.0,
+    ) -> ManagedProcess:
+        """``epp pd-sidecar`` on ``port`` in front of the engine on ``engine_port`` (P/D decode
+        pods); ready once it proxies the engine's /health."""
+        argv = [sys.executable, "-m", "epp", "pd-sidecar", "--port", str(port), "--bind-address", HOST,
+                "--vllm-host", HOST, "--vllm-port", str(engine_port), *extra]
+        return self.start(name, argv, ready=lambda: http_ok(f"http://{HOST}:{port}/health"), timeout=timeout)
+
     def start_envoy(self, spec: EnvoySpec, name: str = "envoy", timeout: float = 30.0) -> ManagedProcess:
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(bootstrap_json(spec))

@@ -96,15 +96,27 @@ def _error_response(exc: RequestError) -> pb.ProcessingResponse:
     return msgs.immediate_response(exc.status, exc.body(), f"epp_{exc.code}")
 
 
-class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    """``envoy.service.ext_proc.v3.ExternalProcessor`` backed by a Director."""
+def _over_tls(context: grpc.aio.ServicerContext) -> bool:
+    return context.auth_context().get("transport_security_type") == [b"ssl"]
 
-    def __init__(self, director: Director) -> None:
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    """``envoy.service.ext_proc.v3.ExternalProcessor`` backed by a Director.
+
+    ``require_tls``: the gRPC server also listens on the plaintext health port; with
+    ``--secure-serving`` a stream that did not arrive over TLS is refused, so prompts never
+    travel in clear to the picker.
+    """
+
+    def __init__(self, director: Director, require_tls: bool = False) -> None:
         self.director = director
+        self.require_tls = require_tls
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        if self.require_tls and context is not None and not _over_tls(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "ext_proc is TLS-only (--secure-serving)")
         director = self.director
         ctx: RequestContext | None = None
         req_mode = FULL_DUPLEX

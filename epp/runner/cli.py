@@ -16,12 +16,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from epp.config.loader import ConfigError
 from epp.discovery.base import Discovery
 from epp.runner.logs import setup_logging
 from epp.runner.server import PickerServer, ServeOptions
 from epp.scheduling.params import parse_duration
+
+if TYPE_CHECKING:
+    from epp.discovery.leader import LeaderElector
 
 log = logging.getLogger("epp.serve")
 
@@ -76,11 +80,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="serve ext_proc over TLS (self-signed unless --cert-path)")
     srv.add_argument("--cert-path", help="directory with tls.crt and tls.key")
     srv.add_argument("--health-checking", type=_bool, nargs="?", const=True, default=False,
-                     help="also serve gRPC health on the ext_proc port")
+                     help="accepted for GIE compatibility: health is always served on both ports")
     srv.add_argument("--max-request-body-bytes", type=_size, default=10 * 1024 * 1024,
                      help="larger request bodies get 400")
     srv.add_argument("--disable-endpoint-subset-filter", type=_bool, nargs="?", const=True, default=False,
                      help="ignore the gateway's subset hint")
+    ha = p.add_argument_group("high availability (Kubernetes)")
+    ha.add_argument("--ha-enable-leader-election", type=_bool, nargs="?", const=True, default=False,
+                    help="active-passive HA: campaign for the pool's Lease; only the leader reports ready")
+    ha.add_argument("--leader-election-lease-duration", type=_duration, default=15.0,
+                    help="how long a standby waits before taking over a lease that is not renewed")
+    ha.add_argument("--leader-election-renew-deadline", type=_duration, default=10.0,
+                    help="the leader steps down (not ready) if it cannot renew for this long")
+    ha.add_argument("--leader-election-retry-period", type=_duration, default=2.0,
+                    help="interval between acquire/renew attempts")
     cfg = p.add_argument_group("configuration")
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
@@ -128,6 +141,28 @@ def build_discovery(args: argparse.Namespace) -> Discovery:
         raise ConfigError(str(exc)) from None
 
 
+def build_leader_election(args: argparse.Namespace, discovery: Discovery) -> LeaderElector | None:
+    """The pool's Lease elector for ``--ha-enable-leader-election`` (Kubernetes pools only)."""
+    if not getattr(args, "ha_enable_leader_election", False):
+        return None
+    from epp.discovery.kubernetes import KubernetesDiscovery
+    from epp.discovery.leader import LeaderElector, lease_name
+
+    if not isinstance(discovery, KubernetesDiscovery):
+        raise ConfigError("--ha-enable-leader-election needs a Kubernetes pool "
+                          "(--pool-name or --endpoint-selector)")
+    try:
+        return LeaderElector(
+            namespace=discovery.namespace,
+            name=lease_name(discovery.namespace, discovery.pool_name),
+            lease_duration=args.leader_election_lease_duration,
+            renew_deadline=args.leader_election_renew_deadline,
+            retry_period=args.leader_election_retry_period,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     if args.config_file and args.config_text:
         raise ConfigError("--config-file and --config-text are mutually exclusive")
@@ -137,8 +172,10 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
             config_text = Path(args.config_file).read_text()
         except OSError as exc:
             raise ConfigError(f"--config-file {args.config_file}: {exc.strerror}") from None
+    discovery = build_discovery(args)
     return ServeOptions(
-        discovery=build_discovery(args),
+        discovery=discovery,
+        leader_election=build_leader_election(args, discovery),
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
         metrics_port=args.metrics_port,

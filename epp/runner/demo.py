@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=".run", help="where logs and generated configs go")
     p.add_argument("--sim-arg", action="append", default=[], help="extra flag for `epp sim` (repeatable)")
     p.add_argument("--exit-after", type=float, default=0.0, help="stop after N seconds (0 = until Ctrl-C)")
+    p.add_argument("--pd", action="store_true",
+                   help="prefill/decode disaggregation: prefill pods, decode pods behind `epp pd-sidecar`, "
+                        "the picker with the disagg profile handler (`make run-pd`)")
+    p.add_argument("--prefill-replicas", type=int, default=2, help="--pd: simulated prefill pods")
+    p.add_argument("--decode-replicas", type=int, default=2, help="--pd: simulated decode pods")
+    p.add_argument("--sidecar-port", type=int, default=8201, help="--pd: first decode sidecar port")
 
 
 def _sample_request(port: int) -> tuple[int, dict[str, str], bytes]:
@@ -49,12 +55,43 @@ def _sample_request(port: int) -> tuple[int, dict[str, str], bytes]:
         return resp.status, dict(resp.headers.items()), resp.read()
 
 
+def _start_pd(topo: Topology, args: argparse.Namespace, workdir: Path) -> list[tuple[str, int]]:
+    """--pd: prefill sims, decode sims each behind a sidecar, the P/D picker; returns the
+    endpoints Envoy may route to (the decode sidecars)."""
+    from epp.pd.config import pd_picker_config, pd_pool_file
+
+    n_p, n_d = args.prefill_replicas, args.decode_replicas
+    prefill = [(HOST, args.pod_port + i) for i in range(n_p)]
+    engines = [args.pod_port + n_p + i for i in range(n_d)]
+    sidecars = [(HOST, args.sidecar_port + i) for i in range(n_d)]
+    print(f"starting {n_p} prefill pods on ports {prefill[0][1]}-{prefill[-1][1]} and {n_d} decode pods "
+          f"on {engines[0]}-{engines[-1]} ...")
+    topo.start_sim(n_p, args.pod_port, args.kv_events_port, extra=["--pod-name-prefix", "prefill-", *args.sim_arg],
+                   name="sim-prefill")
+    topo.start_sim(n_d, engines[0], args.kv_events_port + n_p,
+                   extra=["--pod-name-prefix", "decode-", *args.sim_arg], name="sim-decode")
+    pool_path = workdir / "pd-pool.yaml"
+    pool_path.write_text(pd_pool_file(prefill, [(h, p, e) for (h, p), e in zip(sidecars, engines, strict=True)]))
+    for i, ((_, sport), eport) in enumerate(zip(sidecars, engines, strict=True)):
+        topo.start_sidecar(sport, eport, extra=["--allow-pool-file", str(pool_path)], name=f"sidecar-{i}")
+    print(f"decode sidecars on ports {sidecars[0][1]}-{sidecars[-1][1]}; pool file {pool_path}")
+    config_text = Path(args.config_file).read_text() if args.config_file else pd_picker_config()
+    print(f"starting the P/D picker (ext_proc :{args.grpc_port}, health :{args.grpc_health_port}, "
+          f"metrics :{args.metrics_port}) ...")
+    topo.start_picker(str(pool_path), args.grpc_port, args.grpc_health_port, args.metrics_port,
+                      config_text=config_text, extra=["--log-format", "json"])
+    return sidecars
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.pd:
+        args.replicas = args.prefill_replicas + args.decode_replicas
     ports = {
         "pods": range(args.pod_port, args.pod_port + args.replicas),
         "kv-events": range(args.kv_events_port, args.kv_events_port + args.replicas),
         "envoy": [args.listen_port, args.admin_port],
         "picker": [args.grpc_port, args.grpc_health_port, args.metrics_port],
+        "sidecars": range(args.sidecar_port, args.sidecar_port + (args.decode_replicas if args.pd else 0)),
     }
     busy = [f"{what} {p}" for what, rng in ports.items() for p in rng if not port_free(p)]
     if busy:
@@ -73,12 +110,15 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     try:
         with Topology(workdir) as topo:
-            print(f"starting {args.replicas} simulated vLLM pods on ports {args.pod_port}-{pool[-1][1]} ...")
-            topo.start_sim(args.replicas, args.pod_port, args.kv_events_port, extra=args.sim_arg)
-            print(f"starting the picker (ext_proc :{args.grpc_port}, health :{args.grpc_health_port}, "
-                  f"metrics :{args.metrics_port}) ...")
-            topo.start_picker(pool, args.grpc_port, args.grpc_health_port, args.metrics_port,
-                              config_text=config_text, extra=["--log-format", "json"])
+            if args.pd:
+                pool = _start_pd(topo, args, workdir)
+            else:
+                print(f"starting {args.replicas} simulated vLLM pods on ports {args.pod_port}-{pool[-1][1]} ...")
+                topo.start_sim(args.replicas, args.pod_port, args.kv_events_port, extra=args.sim_arg)
+                print(f"starting the picker (ext_proc :{args.grpc_port}, health :{args.grpc_health_port}, "
+                      f"metrics :{args.metrics_port}) ...")
+                topo.start_picker(pool, args.grpc_port, args.grpc_health_port, args.metrics_port,
+                                  config_text=config_text, extra=["--log-format", "json"])
             print(f"starting Envoy on {HOST}:{args.listen_port} ...")
             topo.start_envoy(EnvoySpec(
                 pool=pool, pickers=[(HOST, args.grpc_port)], listen=(HOST, args.listen_port),
@@ -95,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
                   f"    -d '{{\"model\":\"{SIM_MODEL}\",\"max_tokens\":16,\"messages\":"
                   "[{\"role\":\"user\",\"content\":\"Hello!\"}]}' | grep -E 'x-inference-pod|content'\n")
             print(f"  picker metrics: curl -s http://{HOST}:{args.metrics_port}/metrics | grep inference_")
+            if args.pd:
+                long_prompt = "\"'\"$(printf 'lorem ipsum %.0s' {1..250})\"'\""  # bash: ~3 KB of text
+                print("\n  P/D: a prompt of >= 512 tokens (~2 KB) not cached on the decode pod gets a prefill leg:\n"
+                      f"  curl -s http://{HOST}:{args.listen_port}/v1/completions -H 'content-type: application/json' "
+                      f"-d '{{\"model\":\"{SIM_MODEL}\",\"max_tokens\":8,\"prompt\":{long_prompt}}}'\n"
+                      f"  decisions: curl -s http://{HOST}:{args.metrics_port}/metrics | grep epp_pd_")
             print(f"  logs: {workdir}/*.log\n\nCtrl-C to stop.")
             started = time.monotonic()
             while not stop:

@@ -3,10 +3,11 @@
 Defaults model Llama-3.1-8B-Instruct (bf16) on one H100-80GB with vLLM's defaults, so a pool of
 simulated pods behaves like the deployments the picker is built for:
 
-* Timing: llm-d-inference-sim's ``8b-h100-balanced-per-token`` latency profile (GIE/llm-d use it
-  for the same purpose; see routers.md §4): inter-token latency 12 ms, prefill overhead 30 ms,
-  prefill 250 µs per uncached prompt token, KV transfer 3 µs per token (P/D), latencies scaled
-  up to x2.0 ("time factor under load") when ``max_num_seqs`` sequences run, max-num-seqs 16.
+* Timing: llm-d-inference-sim's ``manifests/latency-profiles/8b-h100-balanced-per-token.yaml``
+  profile (GIE/llm-d use that simulator for the same purpose): inter-token latency 12 ms,
+  prefill overhead 30 ms, prefill 250 µs per uncached prompt token, KV transfer 3 µs per token
+  (P/D), latencies scaled up to x2.0 ("time factor under load") at ``max_num_seqs`` running,
+  max-num-seqs 16. How the engine combines them per step is in ``epp/sim/engine.py``.
 * KV cache: 26,000 blocks of 16 tokens (416k tokens). Estimate for 8B on H100 at vLLM's
   ``gpu_memory_utilization=0.9``: 72 GB - 16 GB weights - ~3 GB activations/graphs ≈ 53 GB; one
   token of KV = 2 (K,V) x 32 layers x 8 KV heads x 128 dims x 2 bytes = 128 KiB → ≈ 410k tokens.

@@ -14,7 +14,11 @@ Good enough for the official ``kubernetes`` client (and ``kubectl get --raw``-st
 * ``fail_next(n, status)``: the next n requests get an HTTP error with a Status body;
 * ``restart(down_for)``: drops every open connection and refuses connections for a while
   (the listening socket is closed and re-bound on the same port);
-* ``uninstall(plural)``: that CRD's URLs answer 404 (CRD not installed).
+* ``uninstall(plural)``: that CRD's URLs answer 404 (CRD not installed);
+* single objects (``.../PLURAL/NAME``): GET, PUT (replace; a ``metadata.resourceVersion``
+  that is not the current one gets 409 Conflict, as optimistic concurrency does), DELETE,
+  and POST on the collection (create; 409 AlreadyExists) for every kind above plus
+  ``coordination.k8s.io/v1`` Leases (leader election).
 
 Everything binds 127.0.0.1 only. Use it from pytest via the ``fake_k8s`` fixture
 (tests/k8s/conftest.py) or directly::
@@ -30,6 +34,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -41,6 +46,7 @@ from urllib.parse import parse_qs, urlsplit
 
 POOL_GROUP = "inference.networking.k8s.io"
 X_GROUP = "inference.networking.x-k8s.io"
+COORDINATION_GROUP = "coordination.k8s.io"
 
 #: plural -> {group: (version, kind)}; "" is the core group.
 RESOURCES: dict[str, dict[str, tuple[str, str]]] = {
@@ -49,6 +55,7 @@ RESOURCES: dict[str, dict[str, tuple[str, str]]] = {
     "inferenceobjectives": {X_GROUP: ("v1alpha2", "InferenceObjective")},
     "inferencemodelrewrites": {X_GROUP: ("v1alpha2", "InferenceModelRewrite")},
     "inferencemodels": {X_GROUP: ("v1alpha2", "InferenceModel")},
+    "leases": {COORDINATION_GROUP: ("v1", "Lease")},
 }
 _KIND_TO_PLURAL = {kind: plural for plural, g in RESOURCES.items() for _, kind in g.values()}
 
@@ -88,7 +95,8 @@ def _parse_selector(value: str | None) -> dict[str, str]:
 
 def _status(code: int, message: str, reason: str = "") -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason or {410: "Expired", 404: "NotFound"}.get(code, "InternalError"),
+            "message": message,
+            "reason": reason or {410: "Expired", 404: "NotFound", 409: "Conflict"}.get(code, "InternalError"),
             "code": code}
 
 
@@ -205,6 +213,25 @@ class FakeKube:
             for _ in range(n):
                 self._failures.append((status, pred))
 
+    def clear_failures(self) -> None:
+        """Drop injected failures that have not fired yet."""
+        with self._cond:
+            self._failures.clear()
+
+    def kubeconfig(self, path: str | os.PathLike[str], namespace: str = "default") -> str:
+        """Write a kubeconfig for this server (plain HTTP, no credentials) and return its path:
+        what a child process (``epp serve``) needs via ``KUBECONFIG``."""
+        text = json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake",
+                                                       "namespace": namespace}}],
+        })  # JSON is YAML
+        with open(path, "w") as f:
+            f.write(text)
+        return str(path)
+
     def uninstall(self, plural: str) -> None:
         with self._cond:
             self._uninstalled.add(plural)
@@ -236,6 +263,7 @@ class FakeKube:
             key = self._key(obj)
             if key in self._objects:
                 raise ValueError(f"{key} exists")
+            m.pop("resourceVersion", None)
             self._rv += 1
             m["uid"] = m.get("uid") or f"uid-{next(self._uid)}"
             m["resourceVersion"] = str(self._rv)
@@ -273,6 +301,30 @@ class FakeKube:
             self._rv += 1
             obj["metadata"]["resourceVersion"] = str(self._rv)
             self._emit(key[0], "DELETED", obj, None)
+
+    def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store ``obj`` in place of the current object, like a PUT: ``KeyError`` if there is
+        none, ``Conflict`` if ``metadata.resourceVersion`` is set and is not the current one."""
+        obj = copy.deepcopy(obj)
+        m = obj["metadata"]
+        m.setdefault("namespace", "default")
+        with self._cond:
+            key = self._key(obj)
+            old = self._objects.get(key)
+            if old is None:
+                raise KeyError(f"{key}")
+            rv = m.get("resourceVersion")
+            if rv and rv != old["metadata"]["resourceVersion"]:
+                raise Conflict(f"the object has been modified (resourceVersion {rv}, "
+                               f"now {old['metadata']['resourceVersion']})")
+            for k in ("uid", "creationTimestamp"):
+                if old["metadata"].get(k):
+                    m[k] = old["metadata"][k]
+            self._rv += 1
+            m["resourceVersion"] = str(self._rv)
+            self._objects[key] = obj
+            self._emit(key[0], "MODIFIED", obj, copy.deepcopy(old))
+        return copy.deepcopy(obj)
 
     # pod conveniences
     def set_pod_ready(self, name: str, ready: bool = True, namespace: str = "default") -> None:
@@ -388,6 +440,10 @@ class FakeKube:
         handler.end_chunked()
 
 
+class Conflict(Exception):
+    """A write lost an optimistic-concurrency race (HTTP 409)."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeKube
     protocol_version = "HTTP/1.1"
@@ -432,32 +488,75 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def do_GET(self) -> None:
+    def _route(self, method: str) -> tuple[str, str, str, str, str | None, dict[str, str]] | None:
+        """Common prologue: log, injected failures, path parsing. Returns
+        (group, version, namespace, plural, name or None, query) or None if answered."""
         fake = self.fake
-        url = urlsplit(self.path)
         if fake._server is None:  # going down: refuse like a closed port would
             self.close_connection = True
-            return
+            return None
+        url = urlsplit(self.path)
         with fake._cond:
-            fake.requests.append(f"GET {self.path}")
+            fake.requests.append(f"{method} {self.path}")
         failure = fake._take_failure(url.path)
         if failure is not None:
             self._send_json(failure, _status(failure, "injected failure"))
-            return
+            return None
         parts = [p for p in url.path.split("/") if p]
-        # /api/v1/namespaces/NS/pods   or   /apis/G/V/namespaces/NS/PLURAL
-        if parts[:1] == ["api"] and len(parts) == 5 and parts[2] == "namespaces":
+        # /api/v1/namespaces/NS/PLURAL[/NAME]   or   /apis/G/V/namespaces/NS/PLURAL[/NAME]
+        name: str | None = None
+        if parts[:1] == ["api"] and len(parts) in (5, 6) and parts[2] == "namespaces":
             group, version, ns, plural = "", parts[1], parts[3], parts[4]
-        elif parts[:1] == ["apis"] and len(parts) == 6 and parts[3] == "namespaces":
+            name = parts[5] if len(parts) == 6 else None
+        elif parts[:1] == ["apis"] and len(parts) in (6, 7) and parts[3] == "namespaces":
             group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
+            name = parts[6] if len(parts) == 7 else None
         else:
             self._send_json(404, _status(404, f"unsupported path {url.path}"))
-            return
+            return None
         known = RESOURCES.get(plural, {}).get(group)
         if known is None or known[0] != version or plural in fake._uninstalled:
             self._send_json(404, _status(404, f"the server could not find the requested resource ({url.path})"))
+            return None
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        return group, version, ns, plural, name, query
+
+    def _read_body(self) -> dict[str, Any] | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._send_json(400, _status(400, "request body is not a JSON object", "BadRequest"))
+            return None
+        return body
+
+    def _stored(self, group: str, ns: str, plural: str, name: str) -> dict[str, Any] | None:
+        with self.fake._cond:
+            obj = self.fake._objects.get(((group, plural), ns, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def _typed(self, group: str, version: str, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+        kind = RESOURCES[plural][group][1]
+        obj.setdefault("apiVersion", f"{group}/{version}" if group else version)
+        obj.setdefault("kind", kind)
+        return obj
+
+    def do_GET(self) -> None:
+        route = self._route("GET")
+        if route is None:
             return
-        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        group, version, ns, plural, name, q = route
+        fake = self.fake
+        if name is not None:
+            obj = self._stored(group, ns, plural, name)
+            if obj is None:
+                self._send_json(404, _status(404, f'{plural} "{name}" not found'))
+            else:
+                self._send_json(200, self._typed(group, version, plural, obj))
+            return
         labels = _parse_selector(q.get("labelSelector"))
         fields = _parse_selector(q.get("fieldSelector"))
         if q.get("watch") in ("1", "true", "True"):
@@ -471,6 +570,70 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._send_json(200, fake._list((group, plural), ns, labels, fields))
+
+    def do_POST(self) -> None:
+        route = self._route("POST")
+        if route is None:
+            return
+        group, version, ns, plural, name, _ = route
+        body = self._read_body()
+        if body is None:
+            return
+        if name is not None:
+            self._send_json(405, _status(405, "POST to a named object", "MethodNotAllowed"))
+            return
+        body = self._typed(group, version, plural, body)
+        meta = body.setdefault("metadata", {})
+        meta["namespace"] = ns
+        if not meta.get("name"):
+            self._send_json(422, _status(422, "metadata.name: Required value", "Invalid"))
+            return
+        try:
+            created = self.fake.add(body)
+        except ValueError:
+            self._send_json(409, _status(409, f'{plural} "{meta["name"]}" already exists', "AlreadyExists"))
+            return
+        self._send_json(201, created)
+
+    def do_PUT(self) -> None:
+        route = self._route("PUT")
+        if route is None:
+            return
+        group, version, ns, plural, name, _ = route
+        body = self._read_body()
+        if body is None:
+            return
+        body = self._typed(group, version, plural, body)
+        meta = body.setdefault("metadata", {})
+        meta["namespace"] = ns
+        if name is None or meta.get("name") != name:
+            self._send_json(400, _status(400, "the name of the object does not match the URL", "BadRequest"))
+            return
+        try:
+            stored = self.fake.replace(body)
+        except KeyError:
+            self._send_json(404, _status(404, f'{plural} "{name}" not found'))
+            return
+        except Conflict as exc:
+            self._send_json(409, _status(409, f'Operation cannot be fulfilled on {plural} "{name}": {exc}'))
+            return
+        self._send_json(200, stored)
+
+    def do_DELETE(self) -> None:
+        route = self._route("DELETE")
+        if route is None:
+            return
+        group, _version, ns, plural, name, _ = route
+        if name is None:
+            self._send_json(405, _status(405, "collection DELETE is not supported", "MethodNotAllowed"))
+            return
+        obj = self._stored(group, ns, plural, name)
+        if obj is None:
+            self._send_json(404, _status(404, f'{plural} "{name}" not found'))
+            return
+        self.fake.delete(RESOURCES[plural][group][1], name, ns, group)
+        self._send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                              "details": {"name": name, "kind": plural}})
 
 
 # ---- object builders ----
@@ -543,3 +706,15 @@ def inference_model(name: str, pool_name: str, model_name: str, criticality: str
     return {"apiVersion": f"{X_GROUP}/v1alpha2", "kind": "InferenceModel",
             "metadata": {"name": name, "namespace": namespace, "creationTimestamp": _now_ts(created_offset)},
             "spec": spec}
+
+
+def lease(name: str, holder: str | None, duration: int = 15, *, namespace: str = "default",
+          transitions: int = 0) -> dict[str, Any]:
+    """A coordination.k8s.io/v1 Lease (e.g. one held by somebody else)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    spec: dict[str, Any] = {"leaseDurationSeconds": duration, "acquireTime": now, "renewTime": now,
+                            "leaseTransitions": transitions}
+    if holder is not None:
+        spec["holderIdentity"] = holder
+    return {"apiVersion": f"{COORDINATION_GROUP}/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
