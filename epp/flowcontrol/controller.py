@@ -203,7 +203,9 @@ class FlowController:
         for band in self._order:
             for q in list(band.backlogged.values()):
                 while (queued := q.pop()) is not None:
-                    self._finish(cast(_Item, queued), EVICTED_OTHER, errors.unavailable("the endpoint picker is shutting down"))
+                    self._finish(
+                        cast(_Item, queued), EVICTED_OTHER, errors.unavailable("the endpoint picker is shutting down")
+                    )
 
     def add_activity_listener(self, listener: Callable[[], None]) -> None:
         """Called when demand appears or disappears and when a request is held by an empty

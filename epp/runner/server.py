@@ -151,7 +151,7 @@ class PickerServer:
             path=src.path,
             insecure_skip_verify=src.insecure_skip_verify,
             metrics=self.metrics,
-            engine_configs=cfg.metrics_extractor.engine_configs or None,
+            engine_configs=cfg.metrics_extractor.engine_overrides(),
             default_engine=cfg.metrics_extractor.default_engine,
             engine_label_key=cfg.metrics_extractor.engine_label_key,
         )

@@ -11,10 +11,9 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, Field, field_validator
 
+from epp.datalayer.metrics_parser import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL
 from epp.scheduling.framework import Plugin, PluginContext
 from epp.scheduling.params import PluginParams
-
-DEFAULT_ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
 
 class MetricsDataSourceParams(PluginParams):
@@ -44,49 +43,11 @@ class EngineMetricSpecs(PluginParams):
     cache_info_spec: str | None = None
 
 
-#: Built-in specs per engine (GIE §3.4 table). An engineConfigs entry with the same name
-#: replaces the whole entry.
-BUILTIN_ENGINE_SPECS: dict[str, EngineMetricSpecs] = {
-    "vllm": EngineMetricSpecs(
-        name="vllm",
-        queued_requests_spec="vllm:num_requests_waiting",
-        running_requests_spec="vllm:num_requests_running",
-        kv_usage_spec="vllm:kv_cache_usage_perc",
-        lora_spec="vllm:lora_requests_info",
-        cache_info_spec="vllm:cache_config_info",
-    ),
-    "sglang": EngineMetricSpecs(
-        name="sglang",
-        queued_requests_spec="sglang:num_queue_reqs",
-        running_requests_spec="sglang:num_running_reqs",
-        kv_usage_spec="sglang:token_usage",
-        lora_spec="",
-        cache_info_spec="sglang:cache_config_info",
-    ),
-    "trtllm-serve": EngineMetricSpecs(
-        name="trtllm-serve",
-        queued_requests_spec="trtllm_num_requests_waiting",
-        running_requests_spec="trtllm_num_requests_running",
-        kv_usage_spec="trtllm_kv_cache_utilization",
-        lora_spec="",
-        cache_info_spec="",
-    ),
-    "triton-tensorrt-llm": EngineMetricSpecs(
-        name="triton-tensorrt-llm",
-        queued_requests_spec="nv_trt_llm_request_metrics{request_type=waiting}",
-        running_requests_spec="nv_trt_llm_request_metrics{request_type=scheduled}",
-        kv_usage_spec="nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
-        lora_spec="",
-        cache_info_spec="",
-    ),
-}
-
-
 class CoreMetricsExtractorParams(PluginParams):
     #: pod label choosing the engine's metric names
-    engine_label_key: str = DEFAULT_ENGINE_LABEL
+    engine_label_key: str = ENGINE_TYPE_LABEL
     #: engine assumed when the label is absent
-    default_engine: str = "vllm"
+    default_engine: str = DEFAULT_ENGINE_TYPE
     engine_configs: tuple[EngineMetricSpecs, ...] = ()
 
     @field_validator("engine_configs")
@@ -99,12 +60,16 @@ class CoreMetricsExtractorParams(PluginParams):
             seen.add(spec.name)
         return v
 
-    def engine_specs(self) -> dict[str, EngineMetricSpecs]:
-        """Built-in specs with ``engineConfigs`` applied (same name → whole entry replaced)."""
-        specs = dict(BUILTIN_ENGINE_SPECS)
-        for spec in self.engine_configs:
-            specs[spec.name] = spec
-        return specs
+    def engine_overrides(self) -> dict[str, dict[str, str]] | None:
+        """``engineConfigs`` in the data layer's form (``epp.datalayer.metrics_parser``
+        ``build_mappings``): each entry replaces the whole built-in entry of the same engine,
+        as in GIE; a spec left unset is disabled. The built-ins live in the data layer only."""
+        if not self.engine_configs:
+            return None
+        return {
+            spec.name: spec.model_dump(by_alias=True, exclude={"name"}, exclude_none=True)
+            for spec in self.engine_configs
+        }
 
 
 class MetricsDataSource(Plugin):

@@ -151,10 +151,14 @@ flowControl:
                                                                       "maxRequests": 500}]}
     assert (cfg.metrics_source.scheme, cfg.metrics_source.path,
             cfg.metrics_source.insecure_skip_verify) == ("https", "/custom/metrics", False)
-    specs = cfg.metrics_extractor.engine_specs()
-    assert specs["vllm"].queued_requests_spec == "my_waiting"
-    assert specs["vllm"].running_requests_spec is None  # whole entry replaced
-    assert specs["sglang"].queued_requests_spec == "sglang:num_queue_reqs"
+    overrides = cfg.metrics_extractor.engine_overrides()
+    assert overrides is not None
+    from epp.datalayer.metrics_parser import build_mappings
+
+    mappings = build_mappings(overrides)
+    assert str(mappings["vllm"].queued[0]) == "my_waiting"
+    assert mappings["vllm"].running == ()  # whole entry replaced: unset specs are disabled
+    assert str(mappings["sglang"].queued[0]) == "sglang:num_queue_reqs"  # other built-ins kept
 
 
 def test_declared_data_source_is_used_when_data_layer_is_omitted():
