@@ -81,12 +81,16 @@ _OBJECTIVES, _REWRITES, _MODELS = "inferenceobjectives", "inferencemodelrewrites
 
 
 def load_api_client() -> k8s_client.ApiClient:
-    """In-cluster config (service account) first, then the local kubeconfig."""
+    """In-cluster config (service account) first, then the local kubeconfig (``KUBECONFIG``,
+    else ``~/.kube/config``)."""
     cfg = k8s_client.Configuration()
     try:
         k8s_config.load_incluster_config(client_configuration=cfg)
     except k8s_config.ConfigException:
         k8s_config.load_kube_config(client_configuration=cfg)
+    # The watchers and the leader elector retry with their own backoff; urllib3's default
+    # retries would only add a WARNING line per attempt while the API server is down.
+    cfg.retries = 0
     return k8s_client.ApiClient(cfg)
 
 

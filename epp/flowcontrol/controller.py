@@ -272,10 +272,14 @@ class FlowController:
 
     # ------------------------------------------------------------------ admission
     def _safe_candidates(self, fn: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:
+        """Candidates; () when the pool is empty (scaled to zero: hold). A subset hint that
+        names no endpoint of a non-empty pool stays an error (503, as without flow control)."""
         try:
             return fn()
         except RequestError:
-            return ()  # e.g. a subset hint naming pods that are not there (yet): hold
+            if self.datastore.endpoints():
+                raise
+            return ()
 
     async def admit(self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:
         if self._stopped:
@@ -474,7 +478,11 @@ class FlowController:
         if item.state != _QUEUED:
             return
         now = self.clock()
-        eps = self._safe_candidates(item.candidates)
+        try:
+            eps = self._safe_candidates(item.candidates)
+        except RequestError as exc:
+            self._finish(item, EVICTED_OTHER, exc)
+            return
         if not eps:
             if now >= item.hold_until:
                 self._finish(item, EVICTED_NO_ENDPOINTS, scaling_error(self.empty_pool_wait))
@@ -536,7 +544,11 @@ class FlowController:
                     band.backlogged.pop(flow, None)
                     continue
                 item = cast(_Item, head)
-                eps = self._safe_candidates(item.candidates)
+                try:
+                    eps = self._safe_candidates(item.candidates)
+                except RequestError as exc:
+                    self._finish(item, EVICTED_OTHER, exc)
+                    continue
                 now = self.clock()
                 if not eps:
                     if now >= item.hold_until:
@@ -548,6 +560,7 @@ class FlowController:
                 if sat >= 1.0:
                     return  # paused: strict priority, no leapfrogging
                 q.pop()
+                band.state.dispatched(flow)
                 self._dispatch(item, now)
                 fut = item.future
                 if fut is not None and not fut.done():

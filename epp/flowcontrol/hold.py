@@ -53,11 +53,12 @@ class HoldingAdmission:
         for cb in self._listeners:
             cb()
 
-    @staticmethod
-    def _candidates(fn: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:
+    def _candidates(self, fn: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:
         try:
             return fn()
         except RequestError:
+            if self.datastore.endpoints():
+                raise  # a subset hint naming no endpoint of a non-empty pool: 503 as before
             return ()
 
     async def admit(self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:

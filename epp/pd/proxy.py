@@ -179,7 +179,7 @@ class PDSidecar:
         try:
             upstream = await self.session.request(request.method, url, data=body, headers=headers,
                                                   allow_redirects=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("local engine %s unreachable: %s", self.config.decoder_url, exc)
             return _error(502, f"the local model server is unreachable: {exc}", "bad_gateway")
         # A failure after the response started (engine died mid-stream) propagates: aiohttp
@@ -246,7 +246,7 @@ class PDSidecar:
                 status = pre.status
                 pre_body = await pre.read()
                 pre_headers = {k: v for k, v in pre.headers.items() if k.lower() not in _DROP_RESPONSE}
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("prefill on %s failed (%s): decoding locally", target, exc or type(exc).__name__)
             self.stats.fallback += 1
             return await self._to_decoder(request, raw, headers)
@@ -293,7 +293,7 @@ class PDSidecar:
                     await r.read()
                     if r.status >= 300:
                         log.warning("sglang prefill on %s answered %d", target, r.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 log.warning("sglang prefill on %s failed: %s", target, exc or type(exc).__name__)
 
         self._spawn(prefill())

@@ -94,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="the leader steps down (not ready) if it cannot renew for this long")
     ha.add_argument("--leader-election-retry-period", type=_duration, default=2.0,
                     help="interval between acquire/renew attempts")
+    fc = p.add_argument_group("flow control and scale from zero")
+    fc.add_argument("--empty-pool-wait", type=_duration, default=120.0,
+                    help="hold requests this long while the pool has no ready endpoint (scale from zero), "
+                         "then 503; 0 fails them at once (Go duration)")
+    fc.add_argument("--keda-scaler-port", type=int, default=None,
+                    help="KEDA external scaler gRPC port (default 9004; -1 disables)")
     cfg = p.add_argument_group("configuration")
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
@@ -189,6 +195,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
         max_request_body_bytes=args.max_request_body_bytes,
         health_checking=args.health_checking,
+        empty_pool_wait=args.empty_pool_wait,
+        keda_scaler_port=args.keda_scaler_port,
     )
 
 

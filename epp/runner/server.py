@@ -27,9 +27,11 @@ from epp.datalayer.datastore import Datastore
 from epp.datalayer.pool_metrics import PoolMetricsRefresher
 from epp.datalayer.scraper import MetricsScraper
 from epp.discovery.base import Discovery
+from epp.flowcontrol.keda import KedaScaler, start_scaler_server
+from epp.flowcontrol.wiring import build_admission
 from epp.handlers.extproc import ExtProcServicer
 from epp.metrics import EppMetrics
-from epp.requestcontrol.director import Director, LegacyAdmission
+from epp.requestcontrol.director import Director
 from epp.runner import tls
 from epp.scheduling.framework import PluginContext
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 READINESS_SERVICES = ("readiness", EXT_PROC_SERVICE, "", "inference-extension")
+DEFAULT_KEDA_SCALER_PORT = 9004
 
 
 @dataclass(slots=True)
@@ -64,6 +67,10 @@ class ServeOptions:
     health_checking: bool = False
     grace_period: float = 5.0
     seed: int | None = None
+    #: hold requests this long while the pool has no endpoint (scale from zero); 0 = fail fast
+    empty_pool_wait: float = 120.0
+    #: KEDA external scaler gRPC port; None = the default 9004, skipped with a warning if busy
+    keda_scaler_port: int | None = None
     #: active-passive HA (``--ha-enable-leader-election``): ready only while leader
     leader_election: LeaderElector | None = None
 
@@ -84,6 +91,8 @@ class PickerServer:
     _plugins: dict[str, Any] = field(default_factory=dict)
     _readiness_task: asyncio.Task[None] | None = None
     _ready: bool = False
+    _admission: Any = None  # epp.flowcontrol.wiring.AdmissionSetup
+    _keda_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         opts = self.options
@@ -94,13 +103,14 @@ class PickerServer:
         )
         bundle = build_scheduling(cfg, ctx)
         self._plugins = dict(bundle.plugins)
+        self._admission = build_admission(cfg, bundle, ctx, self.datastore, self.metrics, opts.empty_pool_wait)
         self.director = Director(
             datastore=self.datastore,
             scheduler=bundle.scheduler,
             metrics=self.metrics,
             pre_request=tuple(bundle.pre_request),
             response_complete=tuple(bundle.response_complete),
-            admission=LegacyAdmission(bundle.saturation_detector),
+            admission=self._admission.admission,
             max_body_bytes=opts.max_request_body_bytes,
             disable_subset_filter=opts.disable_endpoint_subset_filter,
             staleness=opts.metrics_staleness_threshold,
@@ -142,6 +152,11 @@ class PickerServer:
             self.bound_ports["metrics"] = self._http.server_port
 
         await opts.discovery.start(self.datastore)
+        # Plugins with background work (e.g. KV-event subscribers) start once the pool is known.
+        for plugin in self._plugins.values():
+            start_hook = getattr(plugin, "start", None)
+            if start_hook is not None and asyncio.iscoroutinefunction(start_hook):
+                await start_hook()
         src = cfg.metrics_source
         self._scraper = MetricsScraper(
             self.datastore,
@@ -163,6 +178,9 @@ class PickerServer:
             staleness=opts.metrics_staleness_threshold,
         )
         await self._pool_metrics.start()
+        if self._admission.controller is not None:
+            await self._admission.controller.start()
+        await self._start_keda()
 
         await self.set_ready(self._should_be_ready())
         self._readiness_task = asyncio.get_running_loop().create_task(self._follow_readiness())
@@ -180,6 +198,24 @@ class PickerServer:
         """Synced (a deleted InferencePool un-syncs) and, with leader election, the leader."""
         le = self.options.leader_election
         return self.datastore.synced and (le is None or le.is_leader)
+
+    async def _start_keda(self) -> None:
+        """Demand gauges (for KEDA's prometheus trigger) and the KEDA external scaler."""
+        demand = self._admission.demand
+        pool = self.datastore.pool.name
+        self.metrics.fc_demand.labels(pool, "queued").set_function(lambda: demand.queued)
+        self.metrics.fc_demand.labels(pool, "inflight").set_function(lambda: demand.inflight)
+        opts = self.options
+        port = DEFAULT_KEDA_SCALER_PORT if opts.keda_scaler_port is None else opts.keda_scaler_port
+        if port < 0:
+            return
+        try:
+            scaler = KedaScaler(demand, lambda: self.datastore.pool.name)
+            self._keda_server, self.bound_ports["keda"] = await start_scaler_server(scaler, opts.bind_address, port)
+        except (RuntimeError, OSError) as exc:
+            if opts.keda_scaler_port is not None:
+                raise OSError(f"--keda-scaler-port {port}: {exc}") from None
+            log.warning("KEDA external scaler not started (default port %d): %s", port, exc)
 
     async def _follow_readiness(self) -> None:
         """Readiness tracks ``_should_be_ready`` (sync state and leadership)."""
@@ -208,6 +244,10 @@ class PickerServer:
             await self.options.leader_election.stop()
         if self._grpc is not None:
             await self._grpc.stop(self.options.grace_period)
+        if self._keda_server is not None:
+            await self._keda_server.stop(0)
+        if self._admission is not None and self._admission.controller is not None:
+            await self._admission.controller.stop()
         await self.options.discovery.stop()
         if self._scraper is not None:
             await self._scraper.stop()

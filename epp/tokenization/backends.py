@@ -82,8 +82,12 @@ def _vllm_message(m: Any) -> dict[str, Any]:
     out = dict(m)
     content = m.get("content")
     if isinstance(content, list):
-        parts = [p["text"] if isinstance(p, dict) and isinstance(p.get("text"), str) else p
-                 for p in content if isinstance(p, str) or (isinstance(p, dict) and isinstance(p.get("text"), str))]
+        parts: list[str] = []
+        for p in content:
+            if isinstance(p, str):
+                parts.append(p)
+            elif isinstance(p, dict) and isinstance(p.get("text"), str):
+                parts.append(p["text"])
         out["content"] = "\n".join(parts)
     elif content is None and "content" in m:
         out["content"] = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -32,7 +33,7 @@ from tests.k8s.conftest import eventually
 from tests.k8s.fakeapi import COORDINATION_GROUP, FakeKube, lease, pod, pool
 
 LEASE = lease_name("default", "pool")
-FAST = {"lease_duration": 1.0, "renew_deadline": 0.6, "retry_period": 0.1}
+FAST: dict[str, Any] = {"lease_duration": 1.0, "renew_deadline": 0.6, "retry_period": 0.1}
 
 
 def holder(kube: FakeKube) -> str:
@@ -269,7 +270,7 @@ def test_epp_serve_processes_fail_over(fake_k8s: FakeKube, tmp_path: Path) -> No
                 "--bind-address", HOST, "--secure-serving=false", "--log-format", "text",
                 "--ha-enable-leader-election", "--leader-election-lease-duration", "3s",
                 "--leader-election-renew-deadline", "2s", "--leader-election-retry-period", "200ms",
-            ], ready=lambda p=grpc_port + 1: grpc_serving(HOST, p, "liveness"), timeout=30,
+            ], ready=functools.partial(grpc_serving, HOST, grpc_port + 1, "liveness"), timeout=30,
                 env={"KUBECONFIG": kubeconfig, "POD_NAME": name, "KUBERNETES_SERVICE_HOST": ""})
 
         def ready() -> list[str]:

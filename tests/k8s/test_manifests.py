@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from epp.runner import cli as serve_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -160,9 +163,19 @@ def check_picker(objs: list[dict[str, Any]], *, standalone: bool = False, ha: bo
               ("inference.networking.x-k8s.io", "inferencemodels")}
     assert needed <= granted, needed - granted
     assert ("--ha-enable-leader-election" in args) == ha
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    serve_cli.add_arguments(parser)
+    parsed, unknown = parser.parse_known_args(args[1:])  # every flag is one `epp serve` knows
+    assert not unknown, f"flags epp serve does not know: {unknown}"
+    assert parsed.ha_enable_leader_election == ha
     if ha:
         assert dep["spec"]["replicas"] > 1
         assert ("coordination.k8s.io", "leases") in granted
+        lease_verbs = {v for rb in by_kind(objs, "RoleBinding")
+                       for rule in roles[rb["roleRef"]["name"]]["rules"]
+                       if "coordination.k8s.io" in rule["apiGroups"] and "leases" in rule["resources"]
+                       for v in rule["verbs"]}
+        assert {"get", "create", "update"} <= lease_verbs  # what epp.discovery.leader calls
 
     pools = by_kind(objs, "InferencePool")
     if standalone:

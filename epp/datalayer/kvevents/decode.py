@@ -41,6 +41,9 @@ class BlockStored:
     lora_name: str | None = None
     medium: str | None = None
     group_idx: int = 0
+    #: per block: the extra hash inputs other than the LoRA name (cache_salt, ...), joined by
+    #: "|"; None when the block has none. Empty tuple when the event had no extra_keys.
+    extras: tuple[str | None, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,6 +99,19 @@ _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size"
 _REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
 
 
+def _extras(value: Any, lora_name: str | None) -> tuple[str | None, ...]:
+    if not isinstance(value, list | tuple):
+        return ()
+    out: list[str | None] = []
+    for item in value:
+        if not isinstance(item, list | tuple):
+            out.append(None if item is None else str(item))
+            continue
+        parts = [str(x) for x in item if x is not None and x != lora_name]
+        out.append("|".join(parts) if parts else None)
+    return tuple(out) if any(x is not None for x in out) else ()
+
+
 def _as_map(raw: Any) -> tuple[str, dict[str, Any]]:
     """(tag, fields) of one event in either encoding."""
     if isinstance(raw, dict):
@@ -130,14 +146,16 @@ def decode_event(raw: Any) -> KVEvent | None:
             if tokens:
                 raise EventDecodeError("BlockStored without a block_size")
             bs = 0
+        lora_name = _opt_str(f.get("lora_name"))
         return BlockStored(
             block_hashes=hashes,
             parent_block_hash=None if parent is None else hash_value(parent),
             token_ids=tuple(tokens),
             block_size=bs,
-            lora_name=_opt_str(f.get("lora_name")),
+            lora_name=lora_name,
             medium=_opt_str(f.get("medium")),
             group_idx=int(f.get("group_idx") or 0),
+            extras=_extras(f.get("extra_keys"), lora_name),
         )
     if tag == "BlockRemoved":
         return BlockRemoved(_hashes(f.get("block_hashes")), _opt_str(f.get("medium")),

@@ -57,9 +57,10 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
 
 
 def block_keys(tokens: Sequence[int], block_size: int, namespace: str = "", max_blocks: int | None = None,
-               parent: int | None = None) -> list[int]:
+               parent: int | None = None, extras: Sequence[str | None] = ()) -> list[int]:
     """Chained keys of the full blocks of ``tokens`` (a trailing partial block is dropped,
-    as the engine only caches full blocks)."""
+    as the engine only caches full blocks). ``extras[i]`` (e.g. a request's ``cache_salt``
+    on block 0) is mixed into block i's key, as the engine mixes it into its hash."""
     n = len(tokens) // block_size
     if max_blocks is not None:
         n = min(n, max_blocks)
@@ -71,8 +72,12 @@ def block_keys(tokens: Sequence[int], block_size: int, namespace: str = "", max_
     xxh = xxh64_intdigest
     out: list[int] = []
     append = out.append
-    for off in range(0, n * step, step):
-        prev = xxh(data[off : off + step] + prev.to_bytes(8, "little"))
+    for i, off in enumerate(range(0, n * step, step)):
+        extra = extras[i] if i < len(extras) else None
+        if extra is None:
+            prev = xxh(data[off : off + step] + prev.to_bytes(8, "little"))
+        else:
+            prev = xxh(data[off : off + step] + prev.to_bytes(8, "little") + b"\x00" + extra.encode())
         append(prev)
     return out
 
@@ -111,6 +116,7 @@ class KVBlockIndex:
     #: key → {endpoint key: expiry (monotonic)}
     _spec: dict[int, dict[str, float]] = field(default_factory=dict)
     _spec_queue: deque[tuple[float, str, list[int]]] = field(default_factory=deque)
+    _spec_count: int = 0
     #: LoRA adapter names seen in events (a request for one of them uses its namespace)
     adapters: set[str] = field(default_factory=set)
     stats: IndexStats = field(default_factory=IndexStats)
@@ -182,8 +188,7 @@ class KVBlockIndex:
         namespace = ev.lora_name or ""
         if ev.lora_name:
             self.adapters.add(ev.lora_name)
-        keys = block_keys(ev.token_ids, bs, namespace, len(ev.block_hashes),
-                          parent if parent is not None else None)
+        keys = block_keys(ev.token_ids, bs, namespace, len(ev.block_hashes), parent, ev.extras)
         for h, key in zip(ev.block_hashes, keys, strict=False):
             self._add(endpoint, ps, key, h, bit)
         self.stats.stored += len(keys)
@@ -295,7 +300,10 @@ class KVBlockIndex:
             pods = spec.get(key)
             if pods is None:
                 spec[key] = {endpoint: expiry}
+                self._spec_count += 1
             else:
+                if endpoint not in pods:
+                    self._spec_count += 1
                 pods[endpoint] = expiry
             added.append(key)
         if added:
@@ -303,8 +311,10 @@ class KVBlockIndex:
 
     def _drop_spec(self, key: int, endpoint: str) -> None:
         pods = self._spec.get(key)
-        if pods is not None and pods.pop(endpoint, None) is not None and not pods:
-            del self._spec[key]
+        if pods is not None and pods.pop(endpoint, None) is not None:
+            self._spec_count -= 1
+            if not pods:
+                del self._spec[key]
 
     def _prune_spec(self, now: float) -> None:
         q = self._spec_queue
@@ -315,6 +325,7 @@ class KVBlockIndex:
                 pods = spec.get(key)
                 if pods is not None and pods.get(endpoint) == expiry:
                     del pods[endpoint]
+                    self._spec_count -= 1
                     if not pods:
                         del spec[key]
 
@@ -351,9 +362,9 @@ class KVBlockIndex:
                     break
                 continue
             for ep in list(alive):
-                mask = owners.get(ep) if owners else None
-                if mask is not None:
-                    alive[ep] += weight(mask)
+                got = owners.get(ep) if owners else None
+                if got is not None:
+                    alive[ep] += weight(got)
                 elif spec is not None and spec.get(ep, 0.0) > now:
                     alive[ep] += 1.0
                 else:
@@ -388,7 +399,7 @@ class KVBlockIndex:
 
     @property
     def speculative_count(self) -> int:
-        return sum(len(p) for p in self._spec.values())
+        return self._spec_count
 
     def engine_hashes(self, endpoint: str) -> set[int]:
         """The engine hashes the index holds for an endpoint (for comparing with the engine)."""
@@ -407,3 +418,4 @@ class KVBlockIndex:
         if m is not None:
             m.precise_index_entries.set(self._entries)
             m.precise_index_keys.set(len(self._blocks))
+            m.precise_speculative_entries.set(self._spec_count)

@@ -157,7 +157,11 @@ class FairnessState(ABC):
 
     @abstractmethod
     def pick(self, backlogged: Mapping[str, FlowQueue]) -> str | None:
-        """The flow to dispatch from next (None if nothing is backlogged)."""
+        """The flow to dispatch from next (None if nothing is backlogged). Must not change
+        the policy's state: the dispatch may still be refused (pool saturated)."""
+
+    def dispatched(self, flow: str) -> None:  # noqa: B027
+        """The flow ``pick`` chose was dispatched."""
 
     def charge(self, flow: str, tokens: float) -> None:  # noqa: B027
         """``tokens`` (estimated) were dispatched for ``flow``; may be negative (correction)."""
@@ -222,13 +226,16 @@ class _RoundRobinState(FairnessState):
 
     def pick(self, backlogged: Mapping[str, FlowQueue]) -> str | None:
         ring = self._ring
-        for _ in range(len(ring)):
-            flow = ring.popleft()
-            if flow in backlogged:
-                ring.append(flow)
-                return flow
-            # drained flows leave the ring; on_backlogged re-adds them
+        while ring:
+            if ring[0] in backlogged:
+                return ring[0]
+            ring.popleft()  # drained flows leave the ring; on_backlogged re-adds them
         return None
+
+    def dispatched(self, flow: str) -> None:
+        ring = self._ring
+        if ring and ring[0] == flow:
+            ring.rotate(-1)
 
 
 class RoundRobinFairnessPolicy(FairnessPolicy):
@@ -302,9 +309,10 @@ class _TokenFairState(FairnessState):
             c = counters.get(flow, 0.0)
             if c < best_c or (c == best_c and _head_seq(q) < best_seq):
                 best, best_c, best_seq = flow, c, _head_seq(q)
-        if best is not None:
-            self._last = best_c
         return best
+
+    def dispatched(self, flow: str) -> None:
+        self._last = self._counters.get(flow, self._last)
 
     def charge(self, flow: str, tokens: float) -> None:
         self._counters[flow] = self._counters.get(flow, self._last) + tokens / self._weight.weight(flow)

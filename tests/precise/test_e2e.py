@@ -1,0 +1,143 @@
+"""End to end with real processes: simulated pods publishing KV events, `epp serve` pickers
+subscribing to them, a real Envoy in front.
+
+* two picker processes fed by the same pods make the same pick for the same request, for
+  prefixes that neither of them routed (the pods were warmed directly);
+* through Envoy, a prompt whose blocks were evicted on its old pod is no longer sticky there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from epp.envoy.bootstrap import EnvoySpec
+from epp.topology import HOST, Topology, free_port_block
+
+pytestmark = [pytest.mark.envoy, pytest.mark.slow]
+
+BS = 16
+
+
+def picker_config(offset: int, replay_offset: int) -> str:
+    return f"""\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: precise-prefix-cache-scorer
+  parameters:
+    kvEventsPortOffsetFromServingPort: {offset}
+    kvEventsReplayPortOffsetFromServingPort: {replay_offset}
+    speculativeTTL: 2s
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 1
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 5
+"""
+
+
+class Env:
+    def __init__(self, topo: Topology, ports: list[int]) -> None:
+        self.topo = topo
+        self.ports = ports
+        self.pickers: list[dict[str, int]] = []
+        self.envoys: list[int] = []
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    with Topology(tmp_path_factory.mktemp("precise")) as topo:
+        base, kv, replay = free_port_block(3), free_port_block(3), free_port_block(3)
+        topo.start_sim(3, base, kv_events_base_port=kv, extra=[
+            "--kv-events-replay-port", str(replay), "--block-size", str(BS), "--num-gpu-blocks", "96",
+            "--time-scale", "0.01"])
+        e = Env(topo, [base, base + 1, base + 2])
+        pool = [(HOST, p) for p in e.ports]
+        for i in range(2):
+            grpc, health, metrics = (free_port_block(3) + j for j in range(3))
+            topo.start_picker(pool, grpc, health, metrics, config_text=picker_config(kv - base, replay - base),
+                              extra=("--log-format", "text"), name=f"picker{i}")
+            listen = free_port_block(2)
+            topo.start_envoy(EnvoySpec(pool=pool, pickers=[(HOST, grpc)], listen=(HOST, listen),
+                                       admin=(HOST, listen + 1)), name=f"envoy{i}")
+            e.pickers.append({"grpc": grpc, "metrics": metrics})
+            e.envoys.append(listen)
+        yield e
+
+
+def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += s.value
+    return total
+
+
+async def post(port: int, prompt: str) -> tuple[int, int]:
+    body = {"model": "sim-model", "prompt": prompt, "max_tokens": 2}
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://{HOST}:{port}/v1/completions", data=orjson.dumps(body),
+            headers={"content-type": "application/json"}, timeout=aiohttp.ClientTimeout(total=30)) as r:
+        await r.read()
+        return r.status, int(r.headers.get("x-inference-port", "0"))
+
+
+async def settle(env: Env, name: str = "epp_kv_events_total", labels: dict[str, Any] | None = None) -> None:
+    """Until every picker has applied the same number of events and nothing changes for 0.3 s."""
+    last: list[float] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = [metric(p["metrics"], name, labels) for p in env.pickers]
+        if now == last and len(set(now)) == 1 and now[0] > 0:
+            return
+        last = now
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"pickers did not converge on {name}: {last}")
+
+
+def prompt(tag: str, n: int = 40) -> str:
+    return f"Document {tag}: " + " ".join(f"{tag}-word{i}" for i in range(n))
+
+
+async def test_two_pickers_make_the_same_pick(env: Env) -> None:
+    # warm each pod directly (no picker sees this traffic; an approximate index would know nothing)
+    prompts = {f"shared-{j}": env.ports[j % 3] for j in range(6)}
+    for text, pod in prompts.items():
+        status, served = await post(pod, prompt(text))
+        assert status == 200 and served == pod
+    await settle(env)
+    for text, pod in prompts.items():
+        picks = [await post(envoy, prompt(text) + " and a new question?") for envoy in env.envoys]
+        assert picks == [(200, pod), (200, pod)], (text, picks)
+
+
+async def test_evicted_prompt_is_no_longer_sticky_on_its_old_pod(env: Env) -> None:
+    p = prompt("evict-me", 60)
+    status, old = await post(env.envoys[0], p)
+    assert status == 200
+    status, again = await post(env.envoys[1], p)
+    assert (status, again) == (200, old)  # sticky, through the other picker too
+    other = next(x for x in env.ports if x != old)
+    assert (await post(other, p)) == (200, other)  # the prompt is now cached on another pod too
+    removed_before = metric(env.pickers[0]["metrics"], "epp_kv_events_total", {"type": "BlockRemoved"})
+    for i in range(8):  # 96 blocks of 16 tokens: these evict the prompt on its old pod
+        assert (await post(old, prompt(f"filler{i}", 120)))[0] == 200
+    await settle(env)
+    assert metric(env.pickers[0]["metrics"], "epp_kv_events_total", {"type": "BlockRemoved"}) > removed_before
+    for envoy in env.envoys:
+        assert await post(envoy, p) == (200, other)

@@ -1,0 +1,90 @@
+"""The precise block index: chaining, tiers, LoRA namespaces, speculative entries, bounds."""
+
+from __future__ import annotations
+
+from epp.datalayer.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored
+from epp.datalayer.kvevents.index import KVBlockIndex, block_keys
+
+BS = 4
+TOKENS = list(range(100, 124))  # 6 blocks
+
+
+def stored(hashes: list[int], tokens: list[int], parent: int | None = None, lora: str | None = None,
+           medium: str = "GPU") -> BlockStored:
+    return BlockStored(tuple(hashes), parent, tuple(tokens), BS, lora, medium)
+
+
+def test_parent_chaining_across_events_gives_the_request_keys() -> None:
+    idx = KVBlockIndex()
+    idx.apply("a", [stored([11, 12], TOKENS[:8])])
+    idx.apply("a", [stored([13, 14], TOKENS[8:16], parent=12)])
+    keys = block_keys(TOKENS, BS)
+    assert idx.match(keys) == {"a": 4.0}
+    # a block whose parent the index never saw cannot be keyed: it is skipped, not mis-keyed
+    idx.apply("b", [stored([99], TOKENS[16:20], parent=12345)])
+    assert idx.stats.orphans == 1 and "b" not in idx.match(keys)
+
+
+def test_consecutive_prefix_and_tier_weights() -> None:
+    idx = KVBlockIndex()
+    keys = block_keys(TOKENS, BS)
+    idx.apply("gpu", [stored([1, 2, 3], TOKENS[:12])])
+    idx.apply("cpu", [stored([1, 2, 3, 4], TOKENS[:16], medium="CPU")])
+    idx.apply("gap", [stored([1, 2, 3], TOKENS[:12])])
+    idx.apply("gap", [BlockRemoved((2,), "GPU")])
+    m = idx.match(keys)
+    assert m["gpu"] == 3.0 and abs(m["cpu"] - 4 * 0.8) < 1e-9 and m["gap"] == 1.0
+    # a block in both tiers counts with the better one; dropping the GPU copy leaves the CPU one
+    idx.apply("cpu", [stored([1, 2], TOKENS[:8], medium="GPU")])
+    assert abs(idx.match(keys)["cpu"] - (2 + 2 * 0.8)) < 1e-9
+    idx.apply("cpu", [BlockRemoved((1,), "GPU")])
+    assert abs(idx.match(keys)["cpu"] - (0.8 + 1 + 2 * 0.8)) < 1e-9
+
+
+def test_lora_blocks_live_in_the_adapters_namespace() -> None:
+    idx = KVBlockIndex()
+    idx.apply("a", [stored([7, 8], TOKENS[:8], lora="my-lora")])
+    assert idx.namespace_for("my-lora") == "my-lora" and idx.namespace_for("base") == ""
+    assert idx.match(block_keys(TOKENS, BS)) == {}
+    assert idx.match(block_keys(TOKENS, BS, "my-lora")) == {"a": 2.0}
+
+
+def test_speculative_entries_expire_and_yield_to_evictions() -> None:
+    idx = KVBlockIndex()
+    keys = block_keys(TOKENS, BS)
+    idx.add_speculative("a", keys, ttl=2.0, now=100.0)
+    assert idx.match(keys, now=101.0) == {"a": 6.0}
+    assert idx.match(keys, now=102.5) == {}
+    idx._prune_spec(103.0)
+    assert idx.speculative_count == 0
+    # confirmed by events, then evicted: the eviction also drops the guess
+    idx.add_speculative("a", keys, ttl=2.0, now=200.0)
+    idx.apply("a", [stored([1, 2], TOKENS[:8])])
+    idx.apply("a", [BlockRemoved((1,), "GPU")])
+    assert idx.match(keys, now=200.5) == {}
+
+
+def test_memory_bound_evicts_oldest_keys_and_their_engine_mappings() -> None:
+    idx = KVBlockIndex(max_keys=4)
+    idx.apply("a", [stored([1, 2, 3, 4, 5, 6], TOKENS)])
+    assert idx.keys_count == 4 and idx.entries == 4 and idx.stats.evicted == 2
+    assert idx.engine_hashes("a") == {3, 4, 5, 6}
+
+
+def test_clear_and_remove_endpoint() -> None:
+    idx = KVBlockIndex()
+    keys = block_keys(TOKENS, BS)
+    idx.apply("a", [stored([1, 2], TOKENS[:8])])
+    idx.apply("b", [stored([1, 2], TOKENS[:8])])
+    idx.apply("a", [AllBlocksCleared()])
+    assert idx.match(keys) == {"b": 2.0}
+    idx.remove_endpoint("b")
+    assert idx.match(keys) == {} and idx.entries == 0 and idx.keys_count == 0
+
+
+def test_cache_salt_separates_keys() -> None:
+    idx = KVBlockIndex()
+    salted = BlockStored((1, 2), None, tuple(TOKENS[:8]), BS, None, "GPU", 0, ("s3cret", None))
+    idx.apply("a", [salted])
+    assert idx.match(block_keys(TOKENS, BS)) == {}
+    assert idx.match(block_keys(TOKENS, BS, extras=("s3cret",))) == {"a": 2.0}

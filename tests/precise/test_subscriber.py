@@ -1,0 +1,130 @@
+"""The subscriber over real ZMQ sockets: ordered apply, gap → replay, gap without replay →
+resync, engine restart, late start catching up from the replay buffer, purge on removal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.kvevents.index import block_keys
+from epp.datalayer.kvevents.manager import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsConfig, event_ports
+
+from .conftest import FakePublisher, eventually, make_scorer, removed, stored
+
+BS = 4
+KEY = "127.0.0.1:8000"
+T = list(range(1000, 1040))  # 10 blocks
+
+
+def keys(n: int) -> list[int]:
+    return block_keys(T[: n * BS], BS)
+
+
+@pytest.fixture
+async def pub() -> AsyncIterator[FakePublisher]:
+    p = FakePublisher()
+    yield p
+    await p.close()
+
+
+def endpoint(pub: FakePublisher, replay: bool = True) -> Endpoint:
+    labels = {PORT_LABEL: str(pub.port)}
+    if replay and pub.replay_port:
+        labels[REPLAY_PORT_LABEL] = str(pub.replay_port)
+    return Endpoint("pod", "127.0.0.1", 8000, labels=labels)
+
+
+
+
+async def test_gap_is_filled_from_the_replay_socket(pub: FakePublisher) -> None:
+    pub.buffer_only([stored([1, 2], T[:8], BS)])  # seq 0: published before the picker started
+    scorer, _, metrics = make_scorer([endpoint(pub)], blockSizeTokens=BS)
+    await scorer.start()
+    try:
+        idx = scorer.index
+        # late start: the history is replayed from 0
+        assert await eventually(lambda: idx.match(keys(2)) == {KEY: 2.0})
+        sub = scorer.manager.subscribers[KEY]  # type: ignore[union-attr]
+        assert await eventually(lambda: sub.expected == 1)
+        await pub.send([stored([3], T[8:12], BS, parent=2)])  # seq 1, live
+        assert await eventually(lambda: idx.match(keys(3)) == {KEY: 3.0})
+        pub.buffer_only([stored([4], T[12:16], BS, parent=3)])  # seq 2 lost on the wire
+        await pub.send([stored([5], T[16:20], BS, parent=4)])  # seq 3 reveals the gap
+        assert await eventually(lambda: idx.match(keys(5)) == {KEY: 5.0})
+        assert sub.stats.gaps == 1 and sub.stats.resyncs == 0 and pub.replay_requests == [0, 2]
+        assert metrics.kv_events_gaps._value.get() == 1
+    finally:
+        await scorer.close()
+
+
+async def test_gap_without_replay_resyncs_the_pod() -> None:
+    pub = FakePublisher(replay=False)
+    scorer, _, metrics = make_scorer([endpoint(pub, replay=False)], blockSizeTokens=BS)
+    await scorer.start()
+    try:
+        idx = scorer.index
+        # PUB/SUB joins asynchronously: publish until the first batch arrives
+        assert await eventually(lambda: bool(idx.match(keys(2))) or _resend(pub), within=5)
+        sub = scorer.manager.subscribers[KEY]  # type: ignore[union-attr]
+        pub.buffer_only([removed([1])])  # lost: the picker would keep a block the pod evicted
+        await pub.send([stored([9], [7, 7, 7, 7], BS)])
+        assert await eventually(lambda: sub.stats.resyncs == 1)
+        assert idx.match(keys(2)) == {}  # the stale blocks are gone; the new batch is applied
+        assert idx.match(block_keys([7, 7, 7, 7], BS)) == {KEY: 1.0}
+        assert metrics.kv_events_resyncs.labels("gap")._value.get() == 1
+    finally:
+        await scorer.close()
+        await pub.close()
+
+
+
+
+def _resend(pub: FakePublisher) -> bool:
+    """Synchronous helper for ``eventually``: queue one more first batch (seq restarts at 0)."""
+    import asyncio
+
+    pub.restart()
+    asyncio.get_running_loop().create_task(pub.send([stored([1, 2], T[:8], BS)]))
+    return False
+
+
+async def test_engine_restart_drops_the_old_view(pub: FakePublisher) -> None:
+    scorer, _, _ = make_scorer([endpoint(pub)], blockSizeTokens=BS)
+    await scorer.start()
+    try:
+        idx = scorer.index
+        sub = scorer.manager.subscribers[KEY]  # type: ignore[union-attr]
+        assert await eventually(lambda: sub.expected == 0)  # caught up on an empty history
+        for i in range(3):
+            await pub.send([stored([10 + i], T[i * BS:(i + 1) * BS], BS, parent=None if i == 0 else 9 + i)])
+        assert await eventually(lambda: idx.match(keys(3)) == {KEY: 3.0})
+        pub.restart()  # a fresh engine: empty cache, sequence from 0
+        await pub.send([stored([50], [9, 9, 9, 9], BS)])
+        assert await eventually(lambda: sub.stats.restarts == 1)
+        assert idx.match(keys(3)) == {} and idx.match(block_keys([9, 9, 9, 9], BS)) == {KEY: 1.0}
+    finally:
+        await scorer.close()
+
+
+async def test_removed_endpoint_is_purged_and_unsubscribed(pub: FakePublisher) -> None:
+    scorer, ds, _ = make_scorer([endpoint(pub)], blockSizeTokens=BS)
+    await scorer.start()
+    try:
+        sub = scorer.manager.subscribers[KEY]  # type: ignore[union-attr]
+        assert await eventually(lambda: sub.expected == 0)
+        await pub.send([stored([1, 2], T[:8], BS)])
+        assert await eventually(lambda: scorer.index.match(keys(2)) == {KEY: 2.0})
+        ds.clear()
+        assert scorer.index.match(keys(2)) == {} and scorer.manager.subscribers == {}  # type: ignore[union-attr]
+    finally:
+        await scorer.close()
+
+
+def test_event_port_resolution() -> None:
+    ep = Endpoint("p", "10.0.0.1", 8000)
+    assert event_ports(ep, KVEventsConfig()) == (5557, None)
+    assert event_ports(ep, KVEventsConfig(port_offset=-2443, replay_port_offset=-2442)) == (5557, 5558)
+    ep.labels = {PORT_LABEL: "6000", REPLAY_PORT_LABEL: "6001"}
+    assert event_ports(ep, KVEventsConfig(port_offset=1)) == (6000, 6001)
