@@ -51,7 +51,10 @@ def envoy_binary() -> str:
 
 
 def port_free(port: int, host: str = HOST) -> bool:
+    """True when a server could listen on ``port`` now. SO_REUSEADDR as servers set it, so
+    connections lingering in TIME_WAIT from a previous run do not count as busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -217,7 +220,10 @@ class Topology:
         """``pool``: endpoints, or the path of a pool file."""
         argv = [sys.executable, "-m", "epp", "serve", "--grpc-port", str(grpc_port),
                 "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
-                "--bind-address", HOST, f"--secure-serving={'true' if secure else 'false'}"]
+                "--bind-address", HOST, f"--secure-serving={'true' if secure else 'false'}",
+                # many pickers share this host in tests and benchmarks: no fixed-port KEDA scaler
+                # unless the caller asks for one (a later --keda-scaler-port in ``extra`` wins)
+                "--keda-scaler-port", "-1"]
         if isinstance(pool, str):
             argv += ["--pool-file", pool]
         else:
