@@ -59,23 +59,7 @@ schedulingProfiles:
     weight: 3
 """
 
-APPROX = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-"""
+APPROX = None  # the picker's built-in default profile (queue 2, kv 2, approximate prefix 3)
 
 
 @dataclass(slots=True)

@@ -53,6 +53,20 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+async def _timed_post(s: aiohttp.ClientSession, url: str, lat: list[float]) -> bool:
+    """One request; its latency appended to ``lat`` on success. False on any failure."""
+    t0 = time.perf_counter()
+    try:
+        async with s.post(url, data=BODY, headers={"content-type": "application/json"}) as r:
+            await r.read()
+            if r.status != 200:
+                return False
+    except aiohttp.ClientError:
+        return False
+    lat.append(time.perf_counter() - t0)
+    return True
+
+
 async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[list[float], int]:
     lat: list[float] = []
     errors = 0
@@ -63,17 +77,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[list[
         async def worker() -> None:
             nonlocal errors
             while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    async with s.post(url, data=BODY, headers={"content-type": "application/json"}) as r:
-                        await r.read()
-                        if r.status != 200:
-                            errors += 1
-                            continue
-                except aiohttp.ClientError:
+                if not await _timed_post(s, url, lat):
                     errors += 1
-                    continue
-                lat.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return lat, errors
@@ -88,17 +93,8 @@ async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[float],
 
         async def one() -> None:
             nonlocal errors
-            t0 = time.perf_counter()
-            try:
-                async with s.post(url, data=BODY, headers={"content-type": "application/json"}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                        return
-            except aiohttp.ClientError:
+            if not await _timed_post(s, url, lat):
                 errors += 1
-                return
-            lat.append(time.perf_counter() - t0)
 
         start = time.perf_counter()
         tasks = []

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.topology import HOST, Topology, free_port_block, http_ok
+from tests.promtext import Samples, scrape
 
 pytestmark = pytest.mark.envoy
 
@@ -62,16 +62,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(topo, [base, base + 1, base + 2])
 
 
-def picker_metrics(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
+def picker_metrics(port: int) -> Samples:
+    return scrape(port)
 
 
 IDLE_VLLM_PAGE = """# TYPE vllm:num_requests_running gauge

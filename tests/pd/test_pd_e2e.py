@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,30 +18,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.pd.config import pd_picker_config, pd_pool_file
 from epp.topology import HOST, Topology, free_port_block, grpc_serving
+from tests.promtext import value
 
 pytestmark = [pytest.mark.envoy]
 
 MODEL = "sim-model"
 SIM_ARGS = ("--time-scale", "0.05")
-
-
-def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
-
-
-def value(port: int, name: str, **labels: str) -> float:
-    return sum(v for lbl, v in scrape(port).get(name, []) if all(lbl.get(k) == x for k, x in labels.items()))
 
 
 @dataclass

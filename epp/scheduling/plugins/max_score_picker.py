@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from typing import Self
 
-from pydantic import BaseModel, Field
-
-from epp.scheduling.framework import Picker, PluginContext
-from epp.scheduling.params import PluginParams
+from epp.scheduling.plugins.picker_base import CountingPicker
 from epp.scheduling.types import LLMRequest, ProfileRunResult, ScoredEndpoint
 
 
-class PickerParams(PluginParams):
-    #: how many endpoints to return: the primary plus fallbacks, best first
-    max_num_of_endpoints: int = Field(1, gt=0)
-
-
-class MaxScorePicker(Picker):
+class MaxScorePicker(CountingPicker):
     """Shuffle, stable-sort by score (highest first), keep the top ``maxNumOfEndpoints``.
 
     The shuffle makes ties random: without it, equal endpoints (a cold start, an idle pool)
@@ -28,18 +18,6 @@ class MaxScorePicker(Picker):
     """
 
     type_name = "max-score-picker"
-    Params = PickerParams
-
-    def __init__(self, name: str, max_num_of_endpoints: int = 1, rng: random.Random | None = None):
-        super().__init__(name)
-        self.k = max_num_of_endpoints
-        self.rng = rng or random.Random()
-
-    @classmethod
-    def from_config(cls, name: str, params: BaseModel, ctx: PluginContext) -> Self:
-        assert isinstance(params, PickerParams)
-        return cls(name, params.max_num_of_endpoints)
-
     def pick(self, request: LLMRequest, scored: Sequence[ScoredEndpoint]) -> ProfileRunResult:
         if not scored:
             return ProfileRunResult([])

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from typing import Self
 
-from pydantic import BaseModel
-
-from epp.scheduling.framework import Picker, PluginContext
-from epp.scheduling.plugins.max_score_picker import PickerParams
+from epp.scheduling.plugins.picker_base import CountingPicker
 from epp.scheduling.types import LLMRequest, ProfileRunResult, ScoredEndpoint
 
 
-class WeightedRandomPicker(Picker):
+class WeightedRandomPicker(CountingPicker):
     """A-Res weighted sampling without replacement: key = U^(1/score), keep the largest keys.
 
     Spreads load in proportion to the scores instead of always taking the best, which avoids
@@ -23,18 +18,6 @@ class WeightedRandomPicker(Picker):
     """
 
     type_name = "weighted-random-picker"
-    Params = PickerParams
-
-    def __init__(self, name: str, max_num_of_endpoints: int = 1, rng: random.Random | None = None):
-        super().__init__(name)
-        self.k = max_num_of_endpoints
-        self.rng = rng or random.Random()
-
-    @classmethod
-    def from_config(cls, name: str, params: BaseModel, ctx: PluginContext) -> Self:
-        assert isinstance(params, PickerParams)
-        return cls(name, params.max_num_of_endpoints)
-
     def pick(self, request: LLMRequest, scored: Sequence[ScoredEndpoint]) -> ProfileRunResult:
         rnd = self.rng.random
         k = min(self.k, len(scored))
