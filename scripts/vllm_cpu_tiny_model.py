@@ -45,8 +45,9 @@ def main() -> None:
     cfg["chat_template"] = CHATML
     json.dump(cfg, open(cfg_path, "w"), indent=2)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    # head_dim = hidden / heads must be one vLLM's CPU attention supports (64 works; 16 does not)
+    config = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=4096, bos_token_id=tok.token_to_id("<s>"),
                          eos_token_id=tok.token_to_id("</s>"), pad_token_id=tok.token_to_id("<pad>"))
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(args.out, safe_serialization=True)
