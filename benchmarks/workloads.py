@@ -147,6 +147,10 @@ def generate(p: WorkloadParams) -> list[Item]:
         systems = [words.text(rng, p.system_prompt_len) for _ in range(p.groups)]
         session_rate = p.rate / max(1, p.turns)
         session = 0
+        seen_groups: set[int] = set()
+        # a new session on a known system prompt can reuse it (lower bound: the chat template
+        # adds a few tokens); later turns reuse the previous turn's prompt (set at run time)
+        shared_system = _aligned(1 + p.system_prompt_len, p.block_size)
         for start in _arrivals(p, rng, session_rate):
             g = rng.randrange(p.groups)
             messages = [{"role": "system", "content": systems[g]}]
@@ -156,7 +160,9 @@ def generate(p: WorkloadParams) -> list[Item]:
                     break
                 messages.append({"role": "user", "content": words.text(rng, p.question_len)})
                 items.append(Item(len(items), at, "/v1/chat/completions", _chat(messages, p), group=g,
-                                  session=session, turn=turn, after=prev))
+                                  session=session, turn=turn, after=prev,
+                                  ideal_cached=shared_system if g in seen_groups else 0))
+                seen_groups.add(g)
                 prev = len(items) - 1
                 # the assistant's answer as the client will send it back next turn
                 messages.append({"role": "assistant", "content": words.text(rng, p.output_len)})
