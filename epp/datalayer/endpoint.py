@@ -83,6 +83,9 @@ class Endpoint:
     # Picker-side load, changed at pick time and on response end / stream reset.
     inflight: int = 0
     inflight_tokens: int = 0
+    #: ``time.monotonic()`` of the picker's last pick of this endpoint (0 = never); breaks
+    #: near-ties so equally good endpoints are taken in turn, not at random
+    last_picked: float = 0.0
     # Where to scrape metrics (defaults to the serving address).
     metrics_host: str | None = None
     metrics_port: int | None = None

@@ -245,6 +245,7 @@ class Director:
         ctx.inflight_tokens = req.estimated_prompt_tokens + (req.max_tokens or 0)
         primary.inflight += 1
         primary.inflight_tokens += ctx.inflight_tokens
+        primary.last_picked = time.monotonic()
         ctx.destination = primary.key if len(targets) == 1 else ",".join(e.key for e in targets)
         if series is not None:
             series.running.inc()

@@ -56,14 +56,19 @@ def test_max_score_top_k_tie_break_is_random_too():
 
 @given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=12), st.integers(1, 12))
 def test_max_score_returns_k_distinct_sorted(scores, k):
-    picker = MaxScorePicker("m", max_num_of_endpoints=k)
     cands = scored(*scores)
-    out = picker.pick(R, cands).target_endpoints
-    assert len(out) == min(k, len(scores)) == len(set(map(id, out)))
     by_ep = {id(se.endpoint): se.score for se in cands}
+    # exact ties only: strictly best first, then by score
+    out = MaxScorePicker("m", max_num_of_endpoints=k, tie_epsilon=0.0).pick(R, cands).target_endpoints
+    assert len(out) == min(k, len(scores)) == len(set(map(id, out)))
     got = [by_ep[id(e)] for e in out]
     assert got == sorted(got, reverse=True)
     assert got[0] == max(scores)
+    # default: the primary is within the tie epsilon of the best, the fallbacks by score
+    out = MaxScorePicker("m", max_num_of_endpoints=k).pick(R, cands).target_endpoints
+    got = [by_ep[id(e)] for e in out]
+    assert got[0] >= max(scores) - 0.05
+    assert got[1:] == sorted(got[1:], reverse=True)
 
 
 def test_empty_candidates_give_empty_result():
@@ -102,3 +107,53 @@ def test_weighted_random_k_takes_non_positive_last():
     for _ in range(200):
         got = names(picker.pick(R, scored(0.0, 2.0, 1.0)))
         assert set(got[:2]) == {"e1", "e2"} and got[2] == "e0"
+
+
+def test_near_ties_go_to_the_endpoint_picked_least_recently() -> None:
+    from epp.datalayer.endpoint import Endpoint
+    from epp.scheduling.plugins.max_score_picker import MaxScorePicker
+    from epp.scheduling.types import LLMRequest, ScoredEndpoint
+
+    eps = [Endpoint(f"e{i}", "10.0.0.1", 8000 + i) for i in range(3)]
+    for i, e in enumerate(eps):
+        e.last_picked = 100.0 + i  # e0 picked longest ago
+    picker = MaxScorePicker("p")
+    req = LLMRequest("r", "m", "m")
+    near = [ScoredEndpoint(eps[0], 6.99), ScoredEndpoint(eps[1], 7.0), ScoredEndpoint(eps[2], 7.0)]
+    assert picker.pick(req, near).target_endpoints == [eps[0]]  # within epsilon: oldest pick wins
+    clear = [ScoredEndpoint(eps[0], 6.5), ScoredEndpoint(eps[1], 7.0), ScoredEndpoint(eps[2], 6.0)]
+    assert picker.pick(req, clear).target_endpoints == [eps[1]]  # a real difference still decides
+    two = MaxScorePicker("p", max_num_of_endpoints=2).pick(req, clear).target_endpoints
+    assert two == [eps[1], eps[0]]  # fallbacks by score
+
+
+def test_round_robin_like_spread_when_every_endpoint_looks_the_same() -> None:
+    import time
+
+    from epp.datalayer.endpoint import Endpoint
+    from epp.scheduling.plugins.max_score_picker import MaxScorePicker
+    from epp.scheduling.types import LLMRequest, ScoredEndpoint
+
+    eps = [Endpoint(f"e{i}", "10.0.0.1", 8000 + i) for i in range(4)]
+    picker = MaxScorePicker("p")
+    picks = []
+    for n in range(8):
+        chosen = picker.pick(LLMRequest("r", "m", "m"), [ScoredEndpoint(e, 1.0) for e in eps]).target_endpoints[0]
+        chosen.last_picked = time.monotonic() + n  # what the director records at pick time
+        picks.append(chosen.name)
+    assert sorted(picks[:4]) == sorted(picks[4:]) == ["e0", "e1", "e2", "e3"]
+
+
+def test_random_tie_break_is_still_available() -> None:
+    from epp.config.loader import load_config
+
+    cfg = load_config("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {type: queue-scorer}
+- {type: max-score-picker, parameters: {tieBreak: random}}
+schedulingProfiles:
+- {name: d, plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]}
+""")
+    assert cfg.plugin("max-score-picker").params.tie_break == "random"  # type: ignore[attr-defined]
