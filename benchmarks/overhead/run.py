@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print()
     print(table(results))
-    by = {(r.scenario[0], r.mode): r for r in results}
+    by = {(r.scenario.split("-", 1)[0], r.mode): r for r in results}
     b_t, c_t = by[("b", "throughput")], by[("c", "throughput")]
     b_r, c_r = by[("b", "fixed-rate")], by[("c", "fixed-rate")]
     print(f"\n(c)/(b) throughput: {c_t.rps / b_t.rps:.0%} (goal ≥ 90%); added p50 at {args.rate:.0f} req/s: "
