@@ -127,12 +127,15 @@ def build_discovery(args: argparse.Namespace) -> Discovery:
             "exactly one of --endpoints, --pool-file, --pool-name, --endpoint-selector is required "
             f"(given: {flags})"
         )
-    from epp.discovery.static import StaticDiscovery
+    from epp.discovery.static import PoolFileError, StaticDiscovery
 
-    if args.endpoints:
-        return StaticDiscovery.from_endpoints_flag(args.endpoints)
-    if args.pool_file:
-        return StaticDiscovery.from_pool_file(args.pool_file)
+    try:
+        if args.endpoints:
+            return StaticDiscovery.from_endpoints_flag(args.endpoints)
+        if args.pool_file:
+            return StaticDiscovery.from_pool_file(args.pool_file)
+    except PoolFileError as exc:
+        raise ConfigError(str(exc)) from None
     from epp.discovery.kubernetes import KubernetesDiscovery, parse_endpoint_selector, parse_target_ports
 
     try:
