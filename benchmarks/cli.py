@@ -30,6 +30,16 @@ from benchmarks.workloads import WORKLOADS, WorkloadParams, generate, lora_confi
 from epp.topology import HOST, ManagedProcess, Topology, TopologyError, free_port_block
 
 
+def _rates(value: str) -> list[float]:
+    try:
+        rates = [float(r) for r in value.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 6,9,12, got {value!r}") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers, got {value!r}")
+    return rates
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("routers")
     g.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
@@ -42,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
     g.add_argument("--workload", choices=WORKLOADS, default="shared-prefix")
     g.add_argument("--rate", type=float, default=10.0, help="offered requests per second")
-    g.add_argument("--rates", default="", help="load sweep: comma-separated offered rates (overrides --rate)")
+    g.add_argument("--rates", type=_rates, default=[],
+                   help="load sweep: comma-separated offered rates (overrides --rate)")
     g.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     g.add_argument("--num-requests", type=int, default=0, help="cap on requests per run (0 = duration only)")
@@ -202,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"epp bench: {exc}", file=sys.stderr)
         return 2
-    rates = [float(r) for r in args.rates.split(",") if r.strip()] if args.rates else [args.rate]
+    rates = args.rates or [args.rate]
     out = Path(args.out) if args.out else Path("benchmarks/out") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     command = "epp bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else \

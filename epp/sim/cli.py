@@ -92,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         failure_types=list(args.failure_types),
         **values,
     )
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1 (got {args.replicas})")
     cfg.validate()
     return cfg
 

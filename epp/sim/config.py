@@ -131,8 +131,8 @@ class SimConfig:
         """Fail at start with a message naming the field, never mid-request."""
         if not self.served_model_names:
             raise ValueError("served_model_names: at least one name is required")
-        if self.block_size <= 0:
-            raise ValueError("block_size must be positive")
+        if self.block_size not in (1, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size: {self.block_size} is not one vLLM accepts (1, 8, 16, 32, 64, 128)")
         if self.num_gpu_blocks < 2:
             raise ValueError("num_gpu_blocks must be at least 2 (vLLM reserves one null block)")
         if self.max_num_seqs <= 0:

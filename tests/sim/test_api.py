@@ -185,3 +185,13 @@ def test_cli_serves_and_exits_cleanly_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_rejects_bad_pool_settings_with_a_message() -> None:
+    import subprocess
+    import sys
+
+    for args, needle in ((["--replicas", "0"], "--replicas must be at least 1"),
+                         (["--block-size", "7"], "block_size: 7")):
+        res = subprocess.run([sys.executable, "-m", "epp", "sim", *args], capture_output=True, text=True, timeout=30)
+        assert res.returncode != 0 and needle in res.stderr and "Traceback" not in res.stderr
