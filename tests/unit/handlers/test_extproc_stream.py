@@ -241,3 +241,39 @@ async def test_stale_endpoint_gets_no_traffic_while_a_fresh_one_exists() -> None
     fresh.metrics.updated_at = now - 10  # every endpoint stale: fail open, still routed
     out = await _run(d, [_hdrs(POST), _body(CHAT, True)])
     assert _dest_md(out[0]) in ("10.0.0.1:8000", "10.0.0.2:8000")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.one_of(st.binary(max_size=300), _json_values.map(orjson.dumps),
+                   st.just(b'{"model":"m","prompt":"x","max_tokens":100000000000000000000000000000}'),
+                   st.dictionaries(st.sampled_from(["model", "prompt", "messages", "max_tokens", "stream"]),
+                                   _json_values, max_size=5).map(orjson.dumps)),
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/x", ""]),
+    mode=st.sampled_from([Mode.FULL_DUPLEX_STREAMED, Mode.BUFFERED]),
+    split=st.integers(0, 300),
+)
+async def test_any_body_gets_a_pick_or_a_json_error_and_never_breaks_the_stream(
+        body: bytes, path: str, mode: int, split: int) -> None:
+    d = _director()
+    out = await _run(d, [_hdrs({**POST, ":path": path}, mode=mode), _body(body[:split], False),
+                         _body(body[split:], True)])
+    kinds = [r.WhichOneof("response") for r in out]
+    if "immediate_response" in kinds:
+        ir = out[kinds.index("immediate_response")].immediate_response
+        assert ir.status.code in (400, 429, 503)
+        assert "error" in orjson.loads(ir.body)
+    else:
+        routed = out[0] if mode == Mode.FULL_DUPLEX_STREAMED else out[1]
+        assert _dest_md(routed).startswith("10.0.0.")
+    assert all(e.inflight == 0 for e in d.datastore.endpoints())  # nothing leaked
