@@ -97,6 +97,8 @@ class PodServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions/render", self.completions_render)
+        app.router.add_post("/v1/chat/completions/render", self.chat_completions_render)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
@@ -195,6 +197,35 @@ class PodServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=True)
+
+    # ------------------------------------------------------------------ render (vLLM scale-out API)
+    async def completions_render(self, request: web.Request) -> web.Response:
+        """``POST /v1/completions/render``: the prompt as the engine would see it, without running
+        it (vLLM serves this with ``--enable-scale-out``; routers such as vllm-router tokenize
+        through it). vLLM answers a list with one entry per prompt."""
+        return await self._render(request, chat=False)
+
+    async def chat_completions_render(self, request: web.Request) -> web.Response:
+        """``POST /v1/chat/completions/render``: the chat template applied and tokenized."""
+        return await self._render(request, chat=True)
+
+    async def _render(self, request: web.Request, chat: bool) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return self._error(400, f"Invalid JSON body: {exc}")
+        try:
+            model, seq, _, _ = self._parse(body, chat)
+        except RequestError as e:
+            return self._error(e.status, e.message, e.param)
+        doc = {
+            "request_id": seq.request_id,
+            "model": model,
+            "token_ids": seq.token_ids,
+            "sampling_params": {"max_tokens": seq.max_tokens},
+        }
+        payload = orjson.dumps(doc if chat else [doc])
+        return web.Response(body=payload, content_type="application/json", headers=self._headers)
 
     def _injected_failure(self, request: web.Request) -> web.Response | None:
         forced = request.headers.get("x-return-error")

@@ -195,3 +195,29 @@ def test_cli_rejects_bad_pool_settings_with_a_message() -> None:
                          (["--block-size", "7"], "block_size: 7")):
         res = subprocess.run([sys.executable, "-m", "epp", "sim", *args], capture_output=True, text=True, timeout=30)
         assert res.returncode != 0 and needle in res.stderr and "Traceback" not in res.stderr
+
+
+async def test_render_endpoints_return_the_token_ids_the_engine_prefills(
+        fast_config: SimConfig, http: aiohttp.ClientSession) -> None:
+    async with SimPool(fast_config, replicas=1) as pool:
+        pod = pool.pods[0]
+        prompt = "The council meets on Tuesdays. " * 20
+        r = await http.post(f"{pod.url}/v1/completions/render", json={"model": "sim-model", "prompt": prompt})
+        assert r.status == 200
+        rendered = await r.json()
+        assert isinstance(rendered, list) and rendered[0]["request_id"].startswith("cmpl-")
+        # the same ids, sent back as a prompt, are a full prefix-cache hit after one real request
+        r = await http.post(f"{pod.url}/v1/completions",
+                            json={"model": "sim-model", "prompt": prompt, "max_tokens": 1})
+        assert r.status == 200
+        r = await http.post(f"{pod.url}/v1/completions",
+                            json={"model": "sim-model", "prompt": rendered[0]["token_ids"], "max_tokens": 1})
+        usage = (await r.json())["usage"]
+        assert usage["prompt_tokens"] == len(rendered[0]["token_ids"])
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - fast_config.block_size
+        chat = await http.post(f"{pod.url}/v1/chat/completions/render",
+                               json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]})
+        doc = await chat.json()
+        assert isinstance(doc, dict) and doc["token_ids"] and doc["request_id"].startswith("chatcmpl-")
+        bad = await http.post(f"{pod.url}/v1/completions/render", json={"prompt": "no model"})
+        assert bad.status == 400
