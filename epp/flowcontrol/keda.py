@@ -183,6 +183,10 @@ async def start_scaler_server(scaler: KedaScaler, address: str, port: int) -> tu
     mesh or use KEDA's ``enableTLS`` with a sidecar if required). Returns (server, port)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     scaler.add_to_server(server)
-    bound = server.add_insecure_port(f"{address}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{address}:{port}")
+    except RuntimeError:
+        await server.stop(None)  # release the never-started server before reporting the clash
+        raise
     await server.start()
     return server, bound
