@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -77,6 +77,7 @@ class ServeOptions:
 
 @dataclass(slots=True)
 class PickerServer:
+    STOP_STEP_TIMEOUT: ClassVar[float] = 10.0
     options: ServeOptions
     metrics: EppMetrics = field(default_factory=EppMetrics)
     datastore: Datastore = field(default_factory=Datastore)
@@ -236,29 +237,40 @@ class PickerServer:
             await self._health.set(svc, status)
 
     async def stop(self) -> None:
+        """Readiness off, then drain and stop every part. Each step is bounded: a part that does
+        not stop in time is logged and left behind, so SIGTERM always ends the process within the
+        pod's grace period instead of waiting for SIGKILL."""
         if self._readiness_task is not None:
             self._readiness_task.cancel()
         if self._health is not None:
             await self.set_ready(False)
+        steps: list[tuple[str, Any]] = []
         if self.options.leader_election is not None:  # release the Lease: a standby takes over now
-            await self.options.leader_election.stop()
+            steps.append(("leader election", self.options.leader_election.stop()))
         if self._grpc is not None:
-            await self._grpc.stop(self.options.grace_period)
+            steps.append(("gRPC server", self._grpc.stop(self.options.grace_period)))
         if self._keda_server is not None:
-            await self._keda_server.stop(0)
+            steps.append(("KEDA scaler", self._keda_server.stop(0)))
         if self._admission is not None and self._admission.controller is not None:
-            await self._admission.controller.stop()
-        await self.options.discovery.stop()
+            steps.append(("flow control", self._admission.controller.stop()))
+        steps.append(("discovery", self.options.discovery.stop()))
         if self._scraper is not None:
-            await self._scraper.stop()
+            steps.append(("metrics scraper", self._scraper.stop()))
         if self._pool_metrics is not None:
-            await self._pool_metrics.stop()
+            steps.append(("pool metrics", self._pool_metrics.stop()))
         if self._http is not None:
-            await asyncio.to_thread(self._http.shutdown)
-            self._http.server_close()
+            steps.append(("metrics HTTP server", asyncio.to_thread(self._http.shutdown)))
         for plugin in self._plugins.values():
             close = getattr(plugin, "close", None)
             if close is not None:
                 res = close()
                 if asyncio.iscoroutine(res):
-                    await res
+                    steps.append((f"plugin {plugin.name}", res))
+        for what, coro in steps:
+            try:
+                async with asyncio.timeout(self.options.grace_period + self.STOP_STEP_TIMEOUT):
+                    await coro
+            except TimeoutError:
+                log.warning("shutdown step timed out; continuing", extra={"step": what})
+        if self._http is not None:
+            self._http.server_close()
