@@ -117,7 +117,7 @@ def fairness(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             else:
                 g, h, m = (free_port_block(3) + i for i in range(3))
                 cfg = FC_CONFIG % {"conc": args.max_num_seqs} if mode == "token-fair-share" else None
-                topo.start_picker(pool, g, h, m, config_text=cfg, extra=("--keda-scaler-port", "-1"))
+                topo.start_picker(pool, g, h, m, config_text=cfg)
                 pickers = [(HOST, g)]
             listen = free_port_block(2)
             topo.start_envoy(EnvoySpec(pool=pool, pickers=pickers, listen=(HOST, listen),
@@ -140,8 +140,7 @@ def scale_from_zero(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pool_file = workdir / "pool.yaml"
         pool_file.write_text("endpoints: []\n")
         g, h, m = (free_port_block(3) + i for i in range(3))
-        topo.start_picker(str(pool_file), g, h, m, config_text=FC_CONFIG % {"conc": 64},
-                          extra=("--keda-scaler-port", "-1"))
+        topo.start_picker(str(pool_file), g, h, m, config_text=FC_CONFIG % {"conc": 64})
         listen = free_port_block(2)
         topo.start_envoy(EnvoySpec(pool=[(HOST, base)], pickers=[(HOST, g)], listen=(HOST, listen),
                                    admin=(HOST, listen + 1)))

@@ -220,10 +220,7 @@ class Topology:
         """``pool``: endpoints, or the path of a pool file."""
         argv = [sys.executable, "-m", "epp", "serve", "--grpc-port", str(grpc_port),
                 "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
-                "--bind-address", HOST, f"--secure-serving={'true' if secure else 'false'}",
-                # many pickers share this host in tests and benchmarks: no fixed-port KEDA scaler
-                # unless the caller asks for one (a later --keda-scaler-port in ``extra`` wins)
-                "--keda-scaler-port", "-1"]
+                "--bind-address", HOST, f"--secure-serving={'true' if secure else 'false'}"]
         if isinstance(pool, str):
             argv += ["--pool-file", pool]
         else:

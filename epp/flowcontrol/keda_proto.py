@@ -55,7 +55,7 @@ def _protoc(proto: Path, include_root: Path, rel: str, out_dir: Path) -> None:
     except ImportError:
         raise KedaProtoUnavailable(
             "the KEDA external scaler needs generated gRPC code: install grpcio-tools "
-            "(pip install 'epp[codegen]') or disable the scaler with --keda-scaler-port=-1"
+            "(pip install 'epp[codegen]') or run without the scaler (omit --keda-scaler-port)"
         ) from None
     import grpc_tools
 

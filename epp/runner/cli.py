@@ -98,8 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fc.add_argument("--empty-pool-wait", type=_duration, default=120.0,
                     help="hold requests this long while the pool has no ready endpoint (scale from zero), "
                          "then 503; 0 fails them at once (Go duration)")
-    fc.add_argument("--keda-scaler-port", type=int, default=None,
-                    help="KEDA external scaler gRPC port (default 9004; -1 disables)")
+    fc.add_argument("--keda-scaler-port", type=int, default=-1,
+                    help="serve the KEDA external scaler gRPC API on this port (manifests use 9004); "
+                         "off unless given")
     cfg = p.add_argument_group("configuration")
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")

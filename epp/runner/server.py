@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 READINESS_SERVICES = ("readiness", EXT_PROC_SERVICE, "", "inference-extension")
-DEFAULT_KEDA_SCALER_PORT = 9004
 
 
 @dataclass(slots=True)
@@ -70,7 +69,8 @@ class ServeOptions:
     #: hold requests this long while the pool has no endpoint (scale from zero); 0 = fail fast
     empty_pool_wait: float = 120.0
     #: KEDA external scaler gRPC port; None = the default 9004, skipped with a warning if busy
-    keda_scaler_port: int | None = None
+    #: KEDA external scaler port; off (-1) unless asked for (several pickers share hosts)
+    keda_scaler_port: int = -1
     #: active-passive HA (``--ha-enable-leader-election``): ready only while leader
     leader_election: LeaderElector | None = None
 
@@ -207,16 +207,14 @@ class PickerServer:
         self.metrics.fc_demand.labels(pool, "queued").set_function(lambda: demand.queued)
         self.metrics.fc_demand.labels(pool, "inflight").set_function(lambda: demand.inflight)
         opts = self.options
-        port = DEFAULT_KEDA_SCALER_PORT if opts.keda_scaler_port is None else opts.keda_scaler_port
+        port = opts.keda_scaler_port
         if port < 0:
             return
         try:
             scaler = KedaScaler(demand, lambda: self.datastore.pool.name)
             self._keda_server, self.bound_ports["keda"] = await start_scaler_server(scaler, opts.bind_address, port)
         except (RuntimeError, OSError) as exc:
-            if opts.keda_scaler_port is not None:
-                raise OSError(f"--keda-scaler-port {port}: {exc}") from None
-            log.warning("KEDA external scaler not started (default port %d): %s", port, exc)
+            raise OSError(f"--keda-scaler-port {port}: {exc}") from None
 
     async def _follow_readiness(self) -> None:
         """Readiness tracks ``_should_be_ready`` (sync state and leadership)."""

@@ -125,7 +125,7 @@ async def test_scale_from_zero_holds_every_request_and_wakes_keda(cluster: Clust
 
 async def test_a_tenant_behind_a_burst_is_interleaved_not_starved(cluster: Cluster) -> None:
     pool = cluster.pool_file({"endpoints": [{"name": "pod-1", "address": HOST, "port": cluster.pod_ports[1]}]})
-    picker = cluster.picker(pool=pool, config=CONFIG, extra=("--keda-scaler-port", "-1"))
+    picker = cluster.picker(pool=pool, config=CONFIG)
     port = cluster.envoy(picker)
     done: list[str] = []
 

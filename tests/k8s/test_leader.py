@@ -207,8 +207,7 @@ def picker(kube: FakeKube, identity: str) -> PickerServer:
                                     watch_timeout=5, backoff_max=0.3, absent_retry=0.5)
     le = LeaderElector(namespace="default", name=LEASE, identity=identity, api_client=kube.api_client(), **FAST)
     return PickerServer(ServeOptions(discovery=discovery, leader_election=le, grpc_port=0, grpc_health_port=0,
-                                     metrics_port=-1, bind_address=HOST, secure_serving=False, grace_period=0.1,
-                                     keda_scaler_port=-1))
+                                     metrics_port=-1, bind_address=HOST, secure_serving=False, grace_period=0.1))
 
 
 async def test_readiness_follows_leadership_in_the_runner(fake_k8s: FakeKube) -> None:

@@ -411,3 +411,18 @@ def test_picker_config_loads() -> None:
         if "unknown" in str(exc).lower() and "type" in str(exc).lower():
             pytest.skip(f"plugin not implemented yet: {exc}")
         raise
+
+
+def test_keda_overlay_turns_the_scaler_on_and_exposes_it() -> None:
+    objs = kustomize("keda")
+    validate_objects([o for o in objs if o["kind"] != "ScaledObject"], "keda")
+    check_picker([o for o in objs if o["kind"] != "ScaledObject"])  # base args kept, all known flags
+    container = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    serve_cli.add_arguments(parser)
+    parsed, _ = parser.parse_known_args(container["args"][1:])
+    assert parsed.keda_scaler_port == 9004 and parsed.pool_name  # scaler on, pool flags intact
+    assert {"name": "keda-scaler", "containerPort": 9004, "protocol": "TCP"} in container["ports"]
+    assert any(p["port"] == 9004 for p in one(objs, "Service")["spec"]["ports"])
+    scaled = one(objs, "ScaledObject")
+    assert scaled["spec"]["triggers"][0]["metadata"]["scalerAddress"].endswith(":9004")

@@ -48,7 +48,7 @@ def test_cert_dir_must_hold_tls_crt_and_key(tmp_path) -> None:  # type: ignore[n
 async def test_ext_proc_refuses_plaintext_on_the_health_port_when_secure_serving() -> None:
     server = PickerServer(ServeOptions(
         discovery=StaticDiscovery.from_endpoints_flag("127.0.0.1:1"), grpc_port=0, grpc_health_port=0,
-        metrics_port=-1, bind_address="127.0.0.1", secure_serving=True, keda_scaler_port=-1,
+        metrics_port=-1, bind_address="127.0.0.1", secure_serving=True,
     ))
     await server.start()
     try:
