@@ -28,6 +28,11 @@ from epp.scheduling.framework import ResponseInfo, SaturationDetector
 from epp.scheduling.types import LLMRequest
 
 
+def pool_inflight(datastore: Datastore) -> int:
+    """Requests this picker has in flight across the pool (the demand KEDA scales on)."""
+    return sum(max(0, ep.inflight) for ep in datastore.endpoints())
+
+
 @dataclass(slots=True)
 class HoldingAdmission:
     """``LegacyAdmission`` that holds requests while the pool has no endpoint."""
@@ -44,7 +49,7 @@ class HoldingAdmission:
 
     @property
     def inflight(self) -> int:
-        return sum(max(0, ep.inflight) for ep in self.datastore.endpoints())
+        return pool_inflight(self.datastore)
 
     def add_activity_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -113,7 +118,7 @@ class DatastoreDemand:
 
     @property
     def inflight(self) -> int:
-        return sum(max(0, ep.inflight) for ep in self.datastore.endpoints())
+        return pool_inflight(self.datastore)
 
     def add_activity_listener(self, listener: Callable[[], None]) -> None:
         return None

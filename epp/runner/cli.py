@@ -198,7 +198,6 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
         max_request_body_bytes=args.max_request_body_bytes,
-        health_checking=args.health_checking,
         empty_pool_wait=args.empty_pool_wait,
         keda_scaler_port=args.keda_scaler_port,
     )

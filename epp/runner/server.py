@@ -63,7 +63,6 @@ class ServeOptions:
     metrics_scrape_timeout: float = 1.0
     disable_endpoint_subset_filter: bool = False
     max_request_body_bytes: int = 10 * 1024 * 1024
-    health_checking: bool = False
     grace_period: float = 5.0
     seed: int | None = None
     #: hold requests this long while the pool has no endpoint (scale from zero); 0 = fail fast

@@ -23,7 +23,8 @@ import yaml
 
 from epp.flowcontrol import keda_proto
 from epp.topology import HOST, Topology, free_port_block
-from tests.integration.conftest import Cluster, picker_metrics, wait_until
+from tests.integration.conftest import Cluster, wait_until
+from tests.promtext import scrape
 
 pytestmark = [pytest.mark.envoy]
 
@@ -105,14 +106,14 @@ async def test_scale_from_zero_holds_every_request_and_wakes_keda(cluster: Clust
 
         assert await asyncio.to_thread(wait_until, lambda: queued() == 12, 10)
         assert stub.IsActive(ref).result is True
-        gauges = picker_metrics(picker["metrics"])["inference_extension_flow_control_queue_size"]
+        gauges = scrape(picker["metrics"])["inference_extension_flow_control_queue_size"]
         assert sum(v for _, v in gauges) == 12
         assert not any(c.done() for c in clients)
 
         write_pool(pool_path, [{"name": "pod-0", "address": HOST, "port": cluster.pod_ports[0]}])
         results = await asyncio.wait_for(asyncio.gather(*clients), 30)
         assert [status for status, _ in results] == [200] * 12, results
-        m = picker_metrics(picker["metrics"])
+        m = scrape(picker["metrics"])
         outcomes: dict[str, float] = {}
         for lbl, v in m["inference_extension_flow_control_request_queue_duration_seconds_count"]:
             outcomes[lbl["outcome"]] = outcomes.get(lbl["outcome"], 0) + v

@@ -13,7 +13,6 @@ import yaml
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.topology import HOST, Topology, free_port_block, http_ok
-from tests.promtext import Samples, scrape
 
 pytestmark = pytest.mark.envoy
 
@@ -60,10 +59,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         base = free_port_block(3)
         topo.start_sim(3, base, kv_events_base_port=-1)
         yield Cluster(topo, [base, base + 1, base + 2])
-
-
-def picker_metrics(port: int) -> Samples:
-    return scrape(port)
 
 
 IDLE_VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
@@ -121,4 +116,4 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0, interval: float 
     return False
 
 
-__all__ = ["Cluster", "MetricsStub", "Path", "http_ok", "picker_metrics", "wait_until"]
+__all__ = ["Cluster", "MetricsStub", "Path", "http_ok", "wait_until"]

@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from epp.topology import HOST
+from tests.promtext import scrape
 
-from .conftest import Cluster, MetricsStub, picker_metrics, wait_until
+from .conftest import Cluster, MetricsStub, wait_until
 
 pytestmark = [pytest.mark.envoy]
 
@@ -46,12 +47,12 @@ def default_route(cluster: Cluster) -> tuple[int, dict[str, int]]:
 async def test_requests_land_on_the_endpoint_the_picker_chose(
         cluster: Cluster, default_route: tuple[int, dict[str, int]]) -> None:
     port, picker = default_route
-    before = sum(v for _, v in picker_metrics(picker["metrics"]).get("epp_served_endpoint_total", []))
+    before = sum(v for _, v in scrape(picker["metrics"]).get("epp_served_endpoint_total", []))
     results = await asyncio.gather(*(post(port, chat(f"question number {i} " * 20)) for i in range(12)))
     assert all(status == 200 for status, _, _ in results), results
     served_ports = {int(h["x-inference-port"]) for _, h, _ in results}
     assert served_ports <= set(cluster.pod_ports)
-    m = picker_metrics(picker["metrics"])
+    m = scrape(picker["metrics"])
     served = m["epp_served_endpoint_total"]
     assert sum(v for _, v in served) - before == 12
     # Envoy reported (selected_host_key) exactly the endpoint the picker put first, every time.
@@ -151,7 +152,7 @@ schedulingProfiles:
     results = [await post(port, chat(f"retry {i}")) for i in range(16)]
     assert all(s == 200 for s, _, _ in results)
     assert {int(h["x-inference-port"]) for _, h, _ in results} == {live}
-    served = picker_metrics(picker["metrics"])["epp_served_endpoint_total"]
+    served = scrape(picker["metrics"])["epp_served_endpoint_total"]
     assert any(lbl["matched_pick"] == "false" and v > 0 for lbl, v in served), served  # ghost was primary
 
 
@@ -169,7 +170,7 @@ async def test_sheddable_request_gets_429_when_the_pool_is_saturated(cluster: Cl
     assert b"saturated" in body
     status, _, _ = await post(port, chat("user waiting"), headers={"x-gateway-inference-objective": "interactive"})
     assert status == 200
-    errors = picker_metrics(picker["metrics"])["inference_objective_request_error_total"]
+    errors = scrape(picker["metrics"])["inference_objective_request_error_total"]
     assert any(lbl["error_code"] == "ResourceExhausted" and v == 1 for lbl, v in errors)
 
 
@@ -198,7 +199,7 @@ async def test_buffered_mode_routes_and_rewrites(cluster: Cluster, routing: str)
     assert status == 200, body
     assert orjson.loads(body)["model"] == "alias"
     assert int(headers["x-inference-port"]) in cluster.pod_ports
-    assert wait_until(lambda: bool(picker_metrics(picker["metrics"]).get("inference_objective_request_total")))
+    assert wait_until(lambda: bool(scrape(picker["metrics"]).get("inference_objective_request_total")))
 
 
 async def test_picker_down_fails_closed_with_a_5xx(cluster: Cluster) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,12 +31,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.topology import HOST, Topology, free_port_block, grpc_serving
 from tests.k8s.conftest import eventually
 from tests.k8s.fakeapi import FakeKube, inference_model, objective, pod, pool, rewrite
+from tests.promtext import value
 
 pytestmark = [pytest.mark.envoy]
 
@@ -214,17 +213,6 @@ async def until_served_by(c: K8sCluster, expected: set[int], what: str, limit: f
     assert await served_ports(c, 12, what + " again") <= expected
 
 
-def metric_sum(port: int, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 # ---- (a) InferenceModelRewrite ----
 async def test_model_rewrite_follows_the_api_objects(cluster: K8sCluster) -> None:
     """The sims serve only ``sim-model``: a request for ``alias`` reaches a pod as ``alias``
@@ -235,7 +223,7 @@ async def test_model_rewrite_follows_the_api_objects(cluster: K8sCluster) -> Non
     assert status == 404 and b"alias" in body  # the pod saw the client's model name
 
     c.kube.add(rewrite("alias-to-sim", "pool", [(["alias"], [(MODEL, 100)])]))
-    before = metric_sum(c.picker_metrics_port, "inference_extension_model_rewrite_decisions_total",
+    before = value(c.picker_metrics_port, "inference_extension_model_rewrite_decisions_total",
                         model_rewrite_name="alias-to-sim", model_name="alias", target_model=MODEL)
 
     async def rewritten() -> bool:
@@ -249,7 +237,7 @@ async def test_model_rewrite_follows_the_api_objects(cluster: K8sCluster) -> Non
     results = await asyncio.gather(*(post(c.listen, chat(f"rewritten {i}", model="alias")) for i in range(5)))
     assert all(s == 200 for s, _, _ in results)
     assert all(orjson.loads(b)["model"] == "alias" for _, _, b in results)  # client's name restored
-    after = metric_sum(c.picker_metrics_port, "inference_extension_model_rewrite_decisions_total",
+    after = value(c.picker_metrics_port, "inference_extension_model_rewrite_decisions_total",
                        model_rewrite_name="alias-to-sim", model_name="alias", target_model=MODEL)
     assert after - before >= 6
 

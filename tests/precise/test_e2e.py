@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.topology import HOST, Topology, free_port_block
+from tests.promtext import value
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 
@@ -77,17 +76,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield e
 
 
-def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += s.value
-    return total
-
-
 async def post(port: int, prompt: str) -> tuple[int, int]:
     body = {"model": "sim-model", "prompt": prompt, "max_tokens": 2}
     async with aiohttp.ClientSession() as s, s.post(
@@ -102,7 +90,7 @@ async def settle(env: Env, name: str = "epp_kv_events_total", labels: dict[str, 
     last: list[float] = []
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        now = [metric(p["metrics"], name, labels) for p in env.pickers]
+        now = [value(p["metrics"], name, **(labels or {})) for p in env.pickers]
         if now == last and len(set(now)) == 1 and now[0] > 0:
             return
         last = now
@@ -134,10 +122,10 @@ async def test_evicted_prompt_is_no_longer_sticky_on_its_old_pod(env: Env) -> No
     assert (status, again) == (200, old)  # sticky, through the other picker too
     other = next(x for x in env.ports if x != old)
     assert (await post(other, p)) == (200, other)  # the prompt is now cached on another pod too
-    removed_before = metric(env.pickers[0]["metrics"], "epp_kv_events_total", {"type": "BlockRemoved"})
+    removed_before = value(env.pickers[0]["metrics"], "epp_kv_events_total", type="BlockRemoved")
     for i in range(8):  # 96 blocks of 16 tokens: these evict the prompt on its old pod
         assert (await post(old, prompt(f"filler{i}", 120)))[0] == 200
     await settle(env)
-    assert metric(env.pickers[0]["metrics"], "epp_kv_events_total", {"type": "BlockRemoved"}) > removed_before
+    assert value(env.pickers[0]["metrics"], "epp_kv_events_total", type="BlockRemoved") > removed_before
     for envoy in env.envoys:
         assert await post(envoy, p) == (200, other)

@@ -3,6 +3,7 @@ endpoint picked least recently."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Literal, Self
 
@@ -36,9 +37,9 @@ class MaxScorePicker(CountingPicker):
     type_name = "max-score-picker"
     Params = MaxScoreParams
 
-    def __init__(self, name: str, max_num_of_endpoints: int = 1, rng: object = None,
+    def __init__(self, name: str, max_num_of_endpoints: int = 1, rng: random.Random | None = None,
                  tie_break: str = "least-recently-picked", tie_epsilon: float = 0.05) -> None:
-        super().__init__(name, max_num_of_endpoints, rng)  # type: ignore[arg-type]
+        super().__init__(name, max_num_of_endpoints, rng)
         self.lru = tie_break == "least-recently-picked"
         self.eps = tie_epsilon if self.lru else 0.0
 
