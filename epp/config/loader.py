@@ -518,6 +518,11 @@ def build_scheduling(cfg: PickerConfig, ctx: PluginContext) -> SchedulingBundle:
             raise
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{spec.location} (name {_q(spec.name)}): {exc}") from None
+    for spec in cfg.plugins:
+        try:
+            instances[spec.name].bind(instances)
+        except ValueError as exc:
+            raise ConfigError(f"{spec.location} (name {_q(spec.name)}): {exc}") from None
 
     def get(name: str, base: type[Any]) -> Any:
         obj = instances[name]

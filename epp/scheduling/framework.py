@@ -61,6 +61,12 @@ class Plugin(ABC):  # noqa: B024 - a base with no abstract methods on purpose
         """Build from validated parameters. Override when the plugin takes any."""
         return cls(name)
 
+    def bind(self, plugins: Mapping[str, Plugin]) -> None:
+        """Resolve references to other plugins, once all are built (config order does not
+        matter). Raise ValueError naming the problem; the loader reports it at this plugin's
+        location, so a bad reference fails at start, never at the first request."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 

@@ -146,12 +146,11 @@ schedulingProfiles:
     assert pd.schedule(_req(SHORT)).headers == {PREFILLER_HEADER: "10.0.0.1:8000"}
 
 
-def test_unknown_decider_name_turns_pd_off_instead_of_failing_requests() -> None:
+def test_unknown_decider_name_fails_at_start_naming_it() -> None:
     config = pd_picker_config(always=True).replace("deciders: {prefill: decider}", "deciders: {prefill: nope}")
-    pd = PD(config, [_ep(1, "prefill"), _ep(2, "decode")])
-    res = pd.schedule(_req(LONG))
-    assert res.headers == {} and res.targets[0].name == "pod-2"
-    assert pd.metric("epp_pd_decisions_total", reason="decider-not-found") == 1
+    with pytest.raises(ConfigError, match=r"deciders.prefill 'nope' is not a configured P/D decider plugin "
+                                          r"\(deciders: decider\)"):
+        PD(config, [_ep(1, "prefill"), _ep(2, "decode")])
 
 
 @pytest.mark.parametrize(("params", "needle"), [

@@ -17,29 +17,26 @@ Parameters (llm-d's nested form, or its legacy flat form; not both)::
     deciders: {prefill: my-decider}                 # no prefill decider = P/D disabled
     # legacy: decodeProfile, prefillProfile, deciderPluginName / prefillDeciderPluginName
 
-Deciders are resolved by name at the first request (plugins are built in config order, so a
-decider may be declared after the handler); a name that matches no decider is logged once
-and P/D stays off (metric reason ``decider-not-found``).
+The decider is resolved by name when the config is loaded (``bind``: plugins may be declared
+in any order); a name that matches no decider plugin fails at start, naming it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, model_validator
 
 from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.framework import PluginContext, ProfileHandler, SchedulerProfile
+from epp.scheduling.framework import Plugin, PluginContext, ProfileHandler, SchedulerProfile
 from epp.scheduling.params import PluginParams
-from epp.scheduling.plugins.pd_deciders import DECIDERS_KEY, PDDecider, PDDecision
+from epp.scheduling.plugins.pd_deciders import PDDecider, PDDecision
 from epp.scheduling.types import LLMRequest, ProfileRunResult, SchedulingError, SchedulingResult
 
 if TYPE_CHECKING:
     from epp.metrics import EppMetrics
 
-log = logging.getLogger(__name__)
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 #: LLMRequest.state key of this cycle's PDDecision
@@ -48,7 +45,6 @@ STATE_KEY = "pd/decision"
 DISAGGREGATED = "disaggregated"
 AGGREGATED = "aggregated"
 REASON_PD_DISABLED = "pd-disabled"
-REASON_DECIDER_NOT_FOUND = "decider-not-found"
 REASON_NO_PREFILL_PROFILE = "no-prefill-profile"
 REASON_NO_PREFILL_ENDPOINT = "no-prefill-endpoint"
 REASON_SAME_ENDPOINT = "prefill-is-decode-endpoint"
@@ -102,15 +98,12 @@ class DisaggProfileHandler(ProfileHandler):
     Params = DisaggParams
 
     def __init__(self, name: str, decode_profile: str = "decode", prefill_profile: str = "prefill",
-                 decider: str | PDDecider | None = None, shared: dict[str, Any] | None = None,
-                 metrics: EppMetrics | None = None) -> None:
+                 decider: str | PDDecider | None = None, metrics: EppMetrics | None = None) -> None:
         super().__init__(name)
         self.decode_profile = decode_profile
         self.prefill_profile = prefill_profile
         self._decider_name = decider.name if isinstance(decider, PDDecider) else decider
         self._decider: PDDecider | None = decider if isinstance(decider, PDDecider) else None
-        self._shared = shared if shared is not None else {}
-        self._missing_logged = False
         self._metrics = metrics
         self._decision_children: dict[tuple[str, str], Any] = {}
         self._prefill_children: dict[str, Any] = {}
@@ -121,27 +114,25 @@ class DisaggProfileHandler(ProfileHandler):
         decode, prefill, decider = params.resolved()
         if decode == prefill:
             raise ValueError(f"the decode and prefill profiles must differ (both {decode!r})")
-        return cls(name, decode, prefill, decider, ctx.shared, ctx.metrics)
+        return cls(name, decode, prefill, decider, ctx.metrics)
 
     # ------------------------------------------------------------------ decisions
-    def _resolve_decider(self) -> PDDecider | None:
-        if self._decider is None and self._decider_name is not None:
-            found = self._shared.get(DECIDERS_KEY, {}).get(self._decider_name)
-            if isinstance(found, PDDecider):
-                self._decider = found
-            elif not self._missing_logged:
-                self._missing_logged = True
-                log.error("%s: deciders.prefill %r is not a configured P/D decider plugin; "
-                          "P/D disaggregation is off", self.name, self._decider_name)
-        return self._decider
+    def bind(self, plugins: Mapping[str, Plugin]) -> None:
+        name = self._decider_name
+        if name is None or self._decider is not None:
+            return
+        found = plugins.get(name)
+        if not isinstance(found, PDDecider):
+            deciders = sorted(n for n, p in plugins.items() if isinstance(p, PDDecider))
+            raise ValueError(f"deciders.prefill {name!r} is not a configured P/D decider plugin "
+                             f"(deciders: {', '.join(deciders) or 'none'})")
+        self._decider = found
 
     def _decide(self, request: LLMRequest, decode: Endpoint,
                 profiles: Mapping[str, SchedulerProfile]) -> PDDecision:
-        if self._decider_name is None:
-            return PDDecision(False, REASON_PD_DISABLED)
-        decider = self._resolve_decider()
+        decider = self._decider
         if decider is None:
-            return PDDecision(False, REASON_DECIDER_NOT_FOUND)
+            return PDDecision(False, REASON_PD_DISABLED)
         if self.prefill_profile not in profiles:
             return PDDecision(False, REASON_NO_PREFILL_PROFILE)
         return decider.decide(request, decode)

@@ -5,9 +5,8 @@ prefill leg on a prefill pod?
 not already cached on the decode pod (a prefill it would mostly skip is not worth the KV
 transfer). ``always-disagg-pd-decider`` says yes to everything (tests, benchmarks).
 
-Deciders are referenced by name from ``disagg-profile-handler`` (``deciders.prefill``); they
-register themselves in ``PluginContext.shared`` under :data:`DECIDERS_KEY` so the handler can
-find them without global state.
+Deciders are referenced by name from ``disagg-profile-handler`` (``deciders.prefill``); the
+handler resolves the name when the config is loaded (``Plugin.bind``).
 
 How "not cached" is estimated (approximation, documented in docs/pd.md): the prompt length
 is ``LLMRequest.estimated_prompt_tokens`` (bytes of the hashed prompt text / 4); the cached
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Self
 
 from pydantic import BaseModel, Field
 
@@ -32,9 +31,6 @@ from epp.scheduling.params import PluginParams
 from epp.scheduling.plugins.prefix_cache import PrefixIndexParams, shared_index
 from epp.scheduling.prefix_index import CHARS_PER_TOKEN, PrefixIndex, PrefixMatch
 from epp.scheduling.types import LLMRequest
-
-#: PluginContext.shared key: decider name → decider instance
-DECIDERS_KEY = "pd-deciders"
 
 # Decision reasons (metric label values).
 REASON_ALWAYS = "always"
@@ -58,12 +54,6 @@ class PDDecider(Plugin):
     @abstractmethod
     def decide(self, request: LLMRequest, decode: Endpoint) -> PDDecision: ...
 
-    @classmethod
-    def _register(cls, obj: Self, ctx: PluginContext) -> Self:
-        registry: dict[str, Any] = ctx.shared.setdefault(DECIDERS_KEY, {})
-        registry[obj.name] = obj
-        return obj
-
 
 class AlwaysDisaggPDDecider(PDDecider):
     """Disaggregate every request (for tests and benchmarks)."""
@@ -72,7 +62,7 @@ class AlwaysDisaggPDDecider(PDDecider):
 
     @classmethod
     def from_config(cls, name: str, params: BaseModel, ctx: PluginContext) -> Self:
-        return cls._register(cls(name), ctx)
+        return cls(name)
 
     def decide(self, request: LLMRequest, decode: Endpoint) -> PDDecision:
         return PDDecision(True, REASON_ALWAYS, request.estimated_prompt_tokens)
@@ -106,7 +96,7 @@ class PrefixBasedPDDecider(PDDecider):
         # The one shared approximate index (created with defaults if the prefix plugins come
         # later in the config; they re-configure it then).
         index = shared_index(ctx, PrefixIndexParams(), name)
-        return cls._register(cls(name, index, params.non_cached_tokens, params.prompt_tokens), ctx)
+        return cls(name, index, params.non_cached_tokens, params.prompt_tokens)
 
     def _match(self, request: LLMRequest, decode: Endpoint) -> PrefixMatch:
         index = self.index
