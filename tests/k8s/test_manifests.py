@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from epp.runner import cli as serve_cli
+from tests.k8s.crdcheck import strict_json_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -57,25 +58,6 @@ def load_crds() -> dict[tuple[str, str, str], dict[str, Any]]:
             schemas[(crd["spec"]["group"], v["name"], crd["spec"]["names"]["kind"])] = \
                 v["schema"]["openAPIV3Schema"]
     return schemas
-
-
-def strict_json_schema(schema: Any) -> Any:
-    """OpenAPI v3 structural schema -> JSON Schema that rejects unknown fields."""
-    if isinstance(schema, list):
-        return [strict_json_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: strict_json_schema(v) for k, v in schema.items()
-           if not k.startswith("x-kubernetes-") and k not in ("nullable", "default")}
-    if "properties" in schema:
-        out["properties"] = {k: strict_json_schema(v) for k, v in schema["properties"].items()}
-    if (schema.get("type") == "object" and "properties" in schema
-            and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
-        out["additionalProperties"] = False
-    if schema.get("type") == "object" and not schema.get("properties") and "additionalProperties" not in schema:
-        out.pop("additionalProperties", None)  # e.g. metadata: free-form here
-    return out
 
 
 CRD_SCHEMAS = load_crds()
