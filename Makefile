@@ -7,7 +7,14 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.stamp-deps
 PYTEST_ARGS ?=
 
-.PHONY: run run-pd test test-vllm lint unit clean venv
+.PHONY: run run-pd test test-vllm lint unit clean venv lock image
+
+# The image: ghcr.io/epp-project/epp:<pyproject version>, built with podman or docker.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/epp-project/epp:$(VERSION)
+CONTAINER_RUNTIME ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+UV_VERSION ?= 0.13.9
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +33,8 @@ run-pd: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check epp tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict epp/framework
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -37,6 +46,23 @@ test-vllm: $(STAMP)
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not envoy and not slow" $(PYTEST_ARGS)
+
+# Pin the image's dependencies: runtime (requirements.lock, from pyproject's dependencies) and
+# the builder stage's tools (build-requirements.lock). Hashes for every platform's wheels.
+lock:
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install 'uv==$(UV_VERSION)'
+	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(VENV)/bin/uv pip compile build-requirements.in -c requirements.lock $(LOCK_FLAGS) -o build-requirements.lock
+
+image:
+	@if [ -z "$(CONTAINER_RUNTIME)" ]; then \
+	  echo "make image: no container runtime: install podman or docker (or set CONTAINER_RUNTIME=...)" >&2; exit 1; fi
+	@if ! $(CONTAINER_RUNTIME) info >/dev/null 2>&1; then \
+	  echo "make image: $(CONTAINER_RUNTIME) is installed but not usable ('$(notdir $(CONTAINER_RUNTIME)) info' failed:" \
+	       "is its daemon/socket running, may this user use it?)" >&2; exit 1; fi
+	$(CONTAINER_RUNTIME) build -f Containerfile --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+	@echo "built $(IMAGE)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info epp/_gen

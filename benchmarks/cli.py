@@ -27,7 +27,7 @@ from benchmarks import report
 from benchmarks.loadgen import LoadGen
 from benchmarks.routers import DEFAULT_ROUTERS, Pool, RouterSpec, parse_router, start_router
 from benchmarks.workloads import WORKLOADS, WorkloadParams, generate, lora_config, sim_flags
-from epp.topology import HOST, ManagedProcess, Topology, TopologyError, free_port_block
+from epp.local.topology import HOST, ManagedProcess, Topology, TopologyError, free_port_block
 
 
 def _rates(value: str) -> list[float]:

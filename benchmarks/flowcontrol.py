@@ -10,7 +10,7 @@ Run: ``.venv/bin/python -m benchmarks.flowcontrol [--duration 20] [--out benchma
    gets an endpoint after ``--cold-start`` seconds (a stand-in for a pod becoming Ready);
    time from the first request to its first token, and requests lost.
 
-Standalone on purpose (uses ``epp.topology`` only).
+Standalone on purpose (uses ``epp.local.topology`` only).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import orjson
 import yaml
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, Topology, free_port_block
+from epp.local.topology import HOST, Topology, free_port_block
 
 FC_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1

@@ -31,8 +31,8 @@ import aiohttp
 import orjson
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.pd.config import pd_picker_config, pd_pool_file
-from epp.topology import HOST, Topology, free_port_block, http_ok
+from epp.local.pd import pd_picker_config, pd_pool_file
+from epp.local.topology import HOST, Topology, free_port_block, http_ok
 
 MODEL = "sim-model"
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "

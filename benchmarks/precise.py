@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, Topology, free_port_block, http_ok
+from epp.local.topology import HOST, Topology, free_port_block, http_ok
 
 MODEL = "sim-model"
 BLOCK = 16

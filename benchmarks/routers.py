@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, ManagedProcess, Topology, TopologyError, free_port_block, http_ok
+from epp.local.topology import HOST, ManagedProcess, Topology, TopologyError, free_port_block, http_ok
 
 DEFAULT_ROUTERS = ("envoy-rr", "epp", "vllm-router:cache_aware", "vllm-router:kv_aware")
 VLLM_ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "kv_aware", "power_of_two",

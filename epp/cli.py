@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("epp.runner.cli", "run the endpoint picker (Envoy ext_proc server)"),
     "sim": ("epp.sim.cli", "run simulated vLLM pods"),
-    "demo": ("epp.runner.demo", "real Envoy + picker + simulated pool on this machine"),
+    "demo": ("epp.local.demo", "real Envoy + picker + simulated pool on this machine"),
     "envoy-config": ("epp.envoy.cli", "print an Envoy bootstrap config for a picker and pool"),
     "bench": ("benchmarks.cli", "benchmark routers side by side on simulated pods"),
     "pd-sidecar": ("epp.pd.cli", "decode-side P/D sidecar (runs next to vLLM)"),

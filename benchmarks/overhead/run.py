@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, ManagedProcess, Topology, free_port_block, grpc_serving, http_ok, tcp_open
+from epp.local.topology import HOST, ManagedProcess, Topology, free_port_block, grpc_serving, http_ok, tcp_open
 
 BODY = orjson.dumps({"model": "sim-model", "prompt": "The city council asks: " + "word " * 40, "max_tokens": 1})
 

@@ -23,27 +23,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from epp.framework.flowcontrol import SaturationDetector
+from epp.framework.plugin import Plugin, PluginContext
+from epp.framework.requestcontrol import PreRequest, ResponseComplete
+from epp.framework.scheduling import Filter, Picker, ProfileHandler, SchedulerProfile, Scorer, WeightedScorer
+from epp.plugins.datalayer.core_metrics_extractor import CoreMetricsExtractor, CoreMetricsExtractorParams
+from epp.plugins.datalayer.metrics_data_source import MetricsDataSource, MetricsDataSourceParams
 from epp.plugins.registry import PluginRegistry, PluginRegistryError, discover_plugins
-from epp.scheduling.framework import (
-    Filter,
-    Picker,
-    Plugin,
-    PluginContext,
-    PreRequest,
-    ProfileHandler,
-    ResponseComplete,
-    SaturationDetector,
-    SchedulerProfile,
-    Scorer,
-    WeightedScorer,
-)
-from epp.scheduling.plugins.datalayer_sources import (
-    CoreMetricsExtractor,
-    CoreMetricsExtractorParams,
-    MetricsDataSource,
-    MetricsDataSourceParams,
-)
-from epp.scheduling.plugins.openai_parser import OpenAIParser
+from epp.plugins.requestcontrol.openai_parser import OpenAIParser
 from epp.scheduling.scheduler import Scheduler
 
 API_VERSION = "inference.networking.x-k8s.io/v1alpha1"

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from epp.datalayer.endpoint import Endpoint
+from epp.framework.datalayer import Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.datalayer.endpoint import EndpointMetrics
+from epp.framework.datalayer import EndpointMetrics
 
 ENGINE_TYPE_LABEL = "inference.networking.k8s.io/engine-type"
 DEFAULT_ENGINE_TYPE = "vllm"

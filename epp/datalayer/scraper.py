@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from epp.datalayer.endpoint import Endpoint, format_hostport
 from epp.datalayer.metrics_parser import (
     DEFAULT_ENGINE_TYPE,
     ENGINE_TYPE_LABEL,
@@ -35,6 +34,7 @@ from epp.datalayer.metrics_parser import (
     MetricsParser,
     ParserSet,
 )
+from epp.framework.datalayer import Endpoint, format_hostport
 
 if TYPE_CHECKING:
 

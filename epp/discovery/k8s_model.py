@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from epp.datalayer.datastore import Objective, RewriteRule, RewriteTarget
-from epp.datalayer.endpoint import Endpoint
+from epp.framework.datalayer import Endpoint
 
 log = logging.getLogger(__name__)
 

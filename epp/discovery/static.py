@@ -39,8 +39,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from epp.datalayer.datastore import Datastore, Objective, PoolInfo
-from epp.datalayer.endpoint import Endpoint, parse_hostport
 from epp.discovery.base import Discovery
+from epp.framework.datalayer import Endpoint, parse_hostport
 
 log = logging.getLogger(__name__)
 

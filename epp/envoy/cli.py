@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from epp.datalayer.endpoint import parse_hostport
 from epp.envoy.bootstrap import EnvoySpec, bootstrap_json
+from epp.framework.datalayer import parse_hostport
 
 
 def _addrs(value: str) -> list[tuple[str, int]]:

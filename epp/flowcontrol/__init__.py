@@ -4,7 +4,7 @@
 * ``hold.HoldingAdmission`` — GIE's legacy admission that also holds requests while the pool
   is empty (``--empty-pool-wait`` > 0, gate off).
 * ``keda`` — the KEDA external scaler gRPC service (``--keda-scaler-port``).
-* policies (fairness, ordering) are plugins in ``epp.scheduling.plugins.flow_policies``.
+* policies (fairness, ordering) are plugins in ``epp.plugins.scheduling.flow_policies``.
 
 ``wiring.build_admission`` is what the runner calls; see docs/flow-control.md.
 

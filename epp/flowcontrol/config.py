@@ -20,8 +20,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from epp.scheduling.params import Duration
-from epp.scheduling.plugins.flow_policies import DEFAULT_FAIRNESS_POLICY, DEFAULT_ORDERING_POLICY
+from epp.framework.flowcontrol import DEFAULT_FAIRNESS_POLICY, DEFAULT_ORDERING_POLICY
+from epp.framework.plugin import Duration
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}

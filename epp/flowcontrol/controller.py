@@ -40,26 +40,22 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
 from epp.flowcontrol.config import FlowControlConfig
+from epp.framework import errors
+from epp.framework.datalayer import Endpoint
+from epp.framework.errors import RequestError
+from epp.framework.flowcontrol import FairnessPolicy, FairnessState, FlowQueue, OrderingPolicy, SaturationDetector
+from epp.framework.plugin import StateKey
+from epp.framework.requestcontrol import ResponseInfo
+from epp.framework.scheduling import LLMRequest
 from epp.metrics import EppMetrics
-from epp.requestcontrol import errors
-from epp.requestcontrol.errors import RequestError
-from epp.scheduling.framework import ResponseInfo, SaturationDetector
-from epp.scheduling.plugins.flow_policies import (
-    FairnessPolicy,
-    FairnessState,
-    FcfsOrderingPolicy,
-    FlowQueue,
-    GlobalStrictFairnessPolicy,
-    OrderingPolicy,
-)
-from epp.scheduling.types import LLMRequest
+from epp.plugins.flowcontrol.fcfs_ordering_policy import FcfsOrderingPolicy
+from epp.plugins.flowcontrol.global_strict_fairness_policy import GlobalStrictFairnessPolicy
 
 log = logging.getLogger(__name__)
 
 #: key of the controller's bookkeeping in ``LLMRequest.state``
-STATE_KEY = "epp.flowcontrol"
+STATE_KEY: StateKey[_Item] = StateKey("flow-control-item")
 
 # Outcomes (GIE's names, plus RejectedSheddable and EvictedNoEndpoints which GIE folds into
 # RejectedCapacity / EvictedTTL; separate labels tell an operator *why*).
@@ -321,7 +317,7 @@ class FlowController:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Sequence[Endpoint]] = loop.create_future()
         item.future = fut
-        request.state[STATE_KEY] = item
+        request.state.set(STATE_KEY, item)
         self._enqueue(item)
         self._arm(item, now, bool(eps))
         self._wake.set()
@@ -334,7 +330,7 @@ class FlowController:
             raise
 
     def release(self, request: LLMRequest, info: ResponseInfo) -> None:
-        item = request.state.pop(STATE_KEY, None)
+        item = request.state.pop(STATE_KEY)
         if item is None or item.state != _DISPATCHED:
             return
         item.state = _RELEASED
@@ -434,7 +430,7 @@ class FlowController:
             self._unqueue(item)
         item.state = _DONE
         self._observe(item, outcome, self.clock())
-        item.request.state.pop(STATE_KEY, None)
+        item.request.state.pop(STATE_KEY)
         fut = item.future
         if fut is not None and not fut.done() and error is not None:
             fut.set_exception(error)
@@ -446,7 +442,7 @@ class FlowController:
         if item.queued:
             self._unqueue(item)
         item.state = _DISPATCHED
-        item.request.state[STATE_KEY] = item
+        item.request.state.set(STATE_KEY, item)
         band = item.band
         if band.fairness.uses_tokens:
             req = item.request

@@ -20,12 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
 from epp.flowcontrol.controller import scaling_error
-from epp.requestcontrol.admission import admit as legacy_admit
-from epp.requestcontrol.errors import RequestError
-from epp.scheduling.framework import ResponseInfo, SaturationDetector
-from epp.scheduling.types import LLMRequest
+from epp.flowcontrol.legacy import admit as legacy_admit
+from epp.framework.datalayer import Endpoint
+from epp.framework.errors import RequestError
+from epp.framework.flowcontrol import SaturationDetector
+from epp.framework.requestcontrol import ResponseInfo
+from epp.framework.scheduling import LLMRequest
 
 
 def pool_inflight(datastore: Datastore) -> int:

@@ -29,11 +29,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from epp.framework import errors
+from epp.framework.errors import RequestError
 from epp.handlers import messages as msgs
-from epp.requestcontrol import errors
 from epp.requestcontrol.candidates import SUBSET_KEY, SUBSET_NAMESPACE
 from epp.requestcontrol.director import DESTINATION_HEADER, Director, RequestContext
-from epp.requestcontrol.errors import RequestError
 
 log = logging.getLogger(__name__)
 

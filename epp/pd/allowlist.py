@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epp.datalayer.endpoint import format_hostport, parse_hostport
+from epp.framework.datalayer import format_hostport, parse_hostport
 
 log = logging.getLogger(__name__)
 

@@ -1,2 +1,3 @@
-"""Plugin discovery (``registry``): built-ins under ``epp.scheduling.plugins`` and third-party
-plugins from the ``epp.plugins`` entry-point group."""
+"""Plugin implementations, grouped by the layer they plug into (``scheduling``,
+``flowcontrol``, ``requestcontrol``, ``datalayer``), one module per plugin type, and the
+registry that finds them by GIE type name."""

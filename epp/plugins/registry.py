@@ -1,6 +1,6 @@
 """Find plugin classes by their GIE type name.
 
-Sources, in order: every module of the package ``epp.scheduling.plugins`` (imported with
+Sources, in order: every module of the packages ``epp.plugins.<layer>`` (imported with
 pkgutil), then the ``epp.plugins`` entry-point group (an entry point may name a plugin class
 or a module holding several). A class counts when it subclasses ``Plugin`` and has a
 non-empty ``type_name``. Two different classes claiming one type name is an error.
@@ -18,9 +18,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import entry_points
 from types import MappingProxyType, ModuleType
 
-from epp.scheduling.framework import Plugin
+from epp.framework.plugin import Plugin
 
-BUILTIN_PACKAGE = "epp.scheduling.plugins"
+BUILTIN_PACKAGES = (
+    "epp.plugins.scheduling",
+    "epp.plugins.flowcontrol",
+    "epp.plugins.requestcontrol",
+    "epp.plugins.datalayer",
+)
 ENTRY_POINT_GROUP = "epp.plugins"
 
 
@@ -74,7 +79,7 @@ def _builtin_modules(package: str) -> Iterator[ModuleType]:
 
 
 def discover_plugins(
-    packages: Iterable[str] = (BUILTIN_PACKAGE,),
+    packages: Iterable[str] = BUILTIN_PACKAGES,
     entry_point_group: str | None = ENTRY_POINT_GROUP,
 ) -> PluginRegistry:
     """Import the plugin packages and entry points and index their plugin classes."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint, parse_hostport
+from epp.framework.datalayer import Endpoint, parse_hostport
 
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"

@@ -14,30 +14,25 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
+from epp.flowcontrol.legacy import LegacyAdmission
+from epp.framework import errors
+from epp.framework.datalayer import Endpoint
+from epp.framework.errors import RequestError
+from epp.framework.requestcontrol import Admission, Parser, PreRequest, ResponseComplete, ResponseInfo
+from epp.framework.scheduling import LLMRequest, SchedulingError, SchedulingResult
 from epp.metrics import EppMetrics, ModelSeries, ModelSeriesCache
-from epp.requestcontrol import errors
-from epp.requestcontrol.admission import admit as legacy_admit
-from epp.requestcontrol.body import parse_body
+from epp.plugins.requestcontrol.openai_parser import OpenAIParser
 from epp.requestcontrol.candidates import subset_candidates
-from epp.requestcontrol.errors import RequestError
 from epp.requestcontrol.objectives import resolve_priority
 from epp.requestcontrol.response import BodyRewriter
 from epp.requestcontrol.rewrite import resolve_target_model
-from epp.scheduling.framework import (
-    PreRequest,
-    ResponseComplete,
-    ResponseInfo,
-    SaturationDetector,
-)
-from epp.scheduling.types import LLMRequest, SchedulingError, SchedulingResult
 
 # Request headers GIE defines (inputs the gateway or client sets).
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
@@ -52,40 +47,6 @@ DEFAULT_FAIRNESS_ID = "default-flow"
 
 class SchedulerLike(Protocol):
     def schedule(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> SchedulingResult: ...
-
-
-class Admission(Protocol):
-    """Decides whether (and when) a request may be scheduled.
-
-    ``candidates`` is re-evaluated by the admission controller when it dispatches, so a
-    request that waited in a queue is scheduled on the endpoints that exist *then*.
-    Raises RequestError to reject.
-    """
-
-    async def admit(
-        self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]
-    ) -> Sequence[Endpoint]: ...
-
-    def release(self, request: LLMRequest, info: ResponseInfo) -> None: ...
-
-
-@dataclass(slots=True)
-class LegacyAdmission:
-    """No queueing: shed sheddable requests when saturated, admit the rest at once."""
-
-    detector: SaturationDetector | None
-
-    async def admit(
-        self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]
-    ) -> Sequence[Endpoint]:
-        eps = candidates()
-        if not eps:
-            raise errors.unavailable("no ready endpoints in the inference pool")
-        legacy_admit(request, eps, self.detector)
-        return eps
-
-    def release(self, request: LLMRequest, info: ResponseInfo) -> None:
-        return None
 
 
 @dataclass(slots=True)
@@ -132,6 +93,8 @@ class Director:
     pre_request: Sequence[PreRequest] = ()
     response_complete: Sequence[ResponseComplete] = ()
     admission: Admission = field(default_factory=lambda: LegacyAdmission(None))
+    #: the configured ``parser`` plugin (GIE's openai-parser by default)
+    parser: Parser = field(default_factory=lambda: OpenAIParser("openai-parser"))
     max_body_bytes: int = 10 * 1024 * 1024
     disable_subset_filter: bool = False
     #: endpoints whose metrics are older than this are treated as saturated (never chosen
@@ -193,7 +156,7 @@ class Director:
         """
         metrics = self.metrics
         try:
-            parsed = parse_body(raw, ctx.path)
+            parsed = self.parser.parse(raw, ctx.path)
         except RequestError:
             if metrics is not None:
                 metrics.request_error_total.labels("", "", errors.BAD_REQUEST).inc()

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from epp.scheduling.framework import ResponseInfo
+from epp.framework.requestcontrol import ResponseInfo
 
 
 def _model_patterns(target: str, incoming: str) -> list[tuple[bytes, bytes]]:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from epp.config.loader import ConfigError
 from epp.discovery.base import Discovery
+from epp.framework.plugin import parse_duration
 from epp.runner.logs import setup_logging
 from epp.runner.server import PickerServer, ServeOptions
-from epp.scheduling.params import parse_duration
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector

@@ -28,12 +28,12 @@ from epp.datalayer.pool_metrics import PoolMetricsRefresher
 from epp.datalayer.scraper import MetricsScraper
 from epp.discovery.base import Discovery
 from epp.flowcontrol.keda import KedaScaler, start_scaler_server
-from epp.flowcontrol.wiring import build_admission
+from epp.framework.plugin import Lifecycle, Plugin, PluginContext
 from epp.handlers.extproc import ExtProcServicer
 from epp.metrics import EppMetrics
 from epp.requestcontrol.director import Director
 from epp.runner import tls
-from epp.scheduling.framework import PluginContext
+from epp.runner.admission import build_admission
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
@@ -88,10 +88,10 @@ class PickerServer:
     _http: Any = None
     _scraper: MetricsScraper | None = None
     _pool_metrics: PoolMetricsRefresher | None = None
-    _plugins: dict[str, Any] = field(default_factory=dict)
+    _plugins: dict[str, Plugin] = field(default_factory=dict)
     _readiness_task: asyncio.Task[None] | None = None
     _ready: bool = False
-    _admission: Any = None  # epp.flowcontrol.wiring.AdmissionSetup
+    _admission: Any = None  # epp.runner.admission.AdmissionSetup
     _keda_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -154,9 +154,8 @@ class PickerServer:
         await opts.discovery.start(self.datastore)
         # Plugins with background work (e.g. KV-event subscribers) start once the pool is known.
         for plugin in self._plugins.values():
-            start_hook = getattr(plugin, "start", None)
-            if start_hook is not None and asyncio.iscoroutinefunction(start_hook):
-                await start_hook()
+            if isinstance(plugin, Lifecycle):
+                await plugin.start()
         src = cfg.metrics_source
         self._scraper = MetricsScraper(
             self.datastore,
@@ -257,12 +256,9 @@ class PickerServer:
             steps.append(("pool metrics", self._pool_metrics.stop()))
         if self._http is not None:
             steps.append(("metrics HTTP server", asyncio.to_thread(self._http.shutdown)))
-        for plugin in self._plugins.values():
-            close = getattr(plugin, "close", None)
-            if close is not None:
-                res = close()
-                if asyncio.iscoroutine(res):
-                    steps.append((f"plugin {plugin.name}", res))
+        for plugin in reversed(self._plugins.values()):
+            if isinstance(plugin, Lifecycle):
+                steps.append((f"plugin {plugin.name}", plugin.close()))
         for what, coro in steps:
             try:
                 async with asyncio.timeout(self.options.grace_period + self.STOP_STEP_TIMEOUT):

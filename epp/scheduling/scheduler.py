@@ -12,11 +12,12 @@ from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.framework import ProfileHandler, SchedulerProfile
-from epp.scheduling.types import (
+from epp.framework.datalayer import Endpoint
+from epp.framework.scheduling import (
     LLMRequest,
+    ProfileHandler,
     ProfileRunResult,
+    SchedulerProfile,
     SchedulingError,
     SchedulingResult,
     ScoredEndpoint,

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from epp.sim.tokenizer import BuiltinTokenizer, message_text, render_simple_chat
+from epp.tokenization.builtin import BuiltinTokenizer, message_text, render_simple_chat
 
 
 class TokenizerBackend(Protocol):

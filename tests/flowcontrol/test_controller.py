@@ -11,21 +11,17 @@ from typing import Any
 import pytest
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
 from epp.flowcontrol.config import parse_flow_control
 from epp.flowcontrol.controller import FlowController
+from epp.framework.datalayer import Endpoint
+from epp.framework.errors import RequestError
+from epp.framework.flowcontrol import FairnessPolicy
+from epp.framework.requestcontrol import ResponseInfo
+from epp.framework.scheduling import LLMRequest
 from epp.metrics import EppMetrics
-from epp.requestcontrol.errors import RequestError
-from epp.scheduling.framework import ResponseInfo
-from epp.scheduling.plugins.concurrency_detector import ConcurrencyDetector
-from epp.scheduling.plugins.flow_policies import (
-    FairnessPolicy,
-    RoundRobinFairnessPolicy,
-    TierSpec,
-    TokenFairShareParams,
-    TokenFairSharePolicy,
-)
-from epp.scheduling.types import LLMRequest
+from epp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
+from epp.plugins.flowcontrol.round_robin_fairness_policy import RoundRobinFairnessPolicy
+from epp.plugins.flowcontrol.token_fair_share_policy import TierSpec, TokenFairShareParams, TokenFairSharePolicy
 
 
 def request(fid: str, prompt: int = 100, out: int = 100, priority: int = 0, n: int = 0) -> LLMRequest:

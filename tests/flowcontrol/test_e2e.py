@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from epp.flowcontrol import keda_proto
-from epp.topology import HOST, Topology, free_port_block
+from epp.local.topology import HOST, Topology, free_port_block
 from tests.integration.conftest import Cluster, wait_until
 from tests.promtext import scrape
 

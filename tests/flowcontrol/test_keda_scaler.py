@@ -10,7 +10,7 @@ import pytest
 
 from epp.flowcontrol import keda_proto
 from epp.flowcontrol.keda import KedaScaler, start_scaler_server
-from epp.flowcontrol.wiring import build_admission
+from epp.runner.admission import build_admission
 
 from .test_controller import make, request, settle
 
@@ -71,8 +71,8 @@ async def test_without_the_gate_an_empty_pool_still_holds_requests() -> None:
     """The user-friendly default: --empty-pool-wait > 0 holds even with flowControl off."""
     from epp.config.loader import build_scheduling, load_config
     from epp.datalayer.datastore import Datastore
-    from epp.datalayer.endpoint import Endpoint
-    from epp.scheduling.framework import PluginContext
+    from epp.framework.datalayer import Endpoint
+    from epp.framework.plugin import PluginContext
 
     ds = Datastore()
     cfg = load_config(None)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, Topology, free_port_block, http_ok
+from epp.local.topology import HOST, Topology, free_port_block, http_ok
 
 pytestmark = pytest.mark.envoy
 

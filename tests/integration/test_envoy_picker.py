@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from epp.topology import HOST
+from epp.local.topology import HOST
 from tests.promtext import scrape
 
 from .conftest import Cluster, MetricsStub, wait_until

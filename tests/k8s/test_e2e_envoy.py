@@ -33,7 +33,7 @@ import orjson
 import pytest
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, Topology, free_port_block, grpc_serving
+from epp.local.topology import HOST, Topology, free_port_block, grpc_serving
 from tests.k8s.conftest import eventually
 from tests.k8s.fakeapi import FakeKube, inference_model, objective, pod, pool, rewrite
 from tests.promtext import value

@@ -26,9 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from epp.config.loader import ConfigError
 from epp.discovery.kubernetes import KubernetesDiscovery
 from epp.discovery.leader import LeaderElector, default_identity, lease_name
+from epp.local.topology import HOST, Topology, free_port_block, grpc_serving
 from epp.runner import cli
 from epp.runner.server import PickerServer, ServeOptions
-from epp.topology import HOST, Topology, free_port_block, grpc_serving
 from tests.k8s.conftest import eventually
 from tests.k8s.fakeapi import COORDINATION_GROUP, FakeKube, lease, pod, pool
 

@@ -20,8 +20,8 @@ import orjson
 import pytest
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.pd.config import pd_picker_config, pd_pool_file
-from epp.topology import HOST, Topology, free_port_block, grpc_serving
+from epp.local.pd import pd_picker_config, pd_pool_file
+from epp.local.topology import HOST, Topology, free_port_block, grpc_serving
 from tests.promtext import value
 
 pytestmark = [pytest.mark.envoy]

@@ -10,14 +10,14 @@ from prometheus_client import generate_latest
 
 from epp.config.loader import ConfigError, build_scheduling, load_config
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
+from epp.framework.datalayer import ROLE_LABEL, Endpoint
+from epp.framework.plugin import PluginContext
+from epp.framework.scheduling import LLMRequest, SchedulingError, SchedulingResult
+from epp.local.pd import pd_picker_config
 from epp.metrics import EppMetrics
-from epp.pd.config import pd_picker_config
-from epp.scheduling.framework import PluginContext
-from epp.scheduling.plugins.decode_filter import ROLE_LABEL, DecodeFilter
-from epp.scheduling.plugins.disagg_profile_handler import PREFILLER_HEADER
-from epp.scheduling.plugins.prefill_filter import PrefillFilter
-from epp.scheduling.types import LLMRequest, SchedulingError, SchedulingResult
+from epp.plugins.scheduling.decode_filter import DecodeFilter
+from epp.plugins.scheduling.disagg_profile_handler import PREFILLER_HEADER
+from epp.plugins.scheduling.prefill_filter import PrefillFilter
 
 ROOT = Path(__file__).resolve().parents[2]
 

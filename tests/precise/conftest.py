@@ -13,11 +13,11 @@ import zmq
 import zmq.asyncio
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
+from epp.framework.datalayer import Endpoint
+from epp.framework.plugin import PluginContext
+from epp.framework.scheduling import LLMRequest
 from epp.metrics import EppMetrics
-from epp.scheduling.framework import PluginContext
-from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer, PrecisePrefixParams
-from epp.scheduling.types import LLMRequest
+from epp.plugins.scheduling.precise_prefix_cache import PrecisePrefixCacheScorer, PrecisePrefixParams
 
 END = b"\xff" * 8
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.topology import HOST, Topology, free_port_block
+from epp.local.topology import HOST, Topology, free_port_block
 from tests.promtext import value
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]

@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.kvevents.manager import PORT_LABEL, REPLAY_PORT_LABEL
-from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+from epp.framework.datalayer import Endpoint
+from epp.plugins.scheduling.precise_prefix_cache import PrecisePrefixCacheScorer
 from epp.sim.config import LoraModule, SimConfig
 from epp.sim.kvcache import published_hash
 from epp.sim.pool import SimPool

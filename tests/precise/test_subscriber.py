@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.kvevents.index import block_keys
 from epp.datalayer.kvevents.manager import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsConfig, event_ports
+from epp.framework.datalayer import Endpoint
 
 from .conftest import FakePublisher, eventually, make_scorer, removed, stored
 

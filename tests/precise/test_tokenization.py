@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from epp.sim.tokenizer import BuiltinTokenizer, HFTokenizer
+from epp.sim.tokenizer import HFTokenizer
 from epp.tokenization import BuiltinBackend, HFBackend, PrefixTokenCache, RequestTokenizer
+from epp.tokenization.builtin import BuiltinTokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"

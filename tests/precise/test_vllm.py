@@ -22,10 +22,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.kvevents.decode import hash_value
 from epp.datalayer.kvevents.manager import PORT_LABEL, REPLAY_PORT_LABEL
-from epp.topology import HOST, Topology, free_port_block, http_ok
+from epp.framework.datalayer import Endpoint
+from epp.local.topology import HOST, Topology, free_port_block, http_ok
 
 from .conftest import chat_request, completion, eventually, make_scorer
 

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING
 
 import zmq.asyncio
 
-from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint, format_hostport
 from epp.datalayer.kvevents.index import KVBlockIndex
 from epp.datalayer.kvevents.subscriber import KVEventSubscriber
+from epp.framework.datalayer import Endpoint, PoolView, format_hostport
 
 if TYPE_CHECKING:
     from epp.metrics import EppMetrics
@@ -72,7 +71,7 @@ def event_ports(ep: Endpoint, cfg: KVEventsConfig) -> tuple[int, int | None]:
 
 @dataclass(slots=True)
 class KVEventsManager:
-    datastore: Datastore
+    datastore: PoolView
     index: KVBlockIndex
     config: KVEventsConfig = field(default_factory=KVEventsConfig)
     metrics: EppMetrics | None = None

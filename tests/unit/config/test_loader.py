@@ -8,11 +8,11 @@ import pytest
 
 from epp.config import ConfigError, build_scheduling, load_config
 from epp.datalayer.datastore import Datastore
-from epp.scheduling.framework import PluginContext
-from epp.scheduling.plugins.max_score_picker import MaxScorePicker
-from epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
-from epp.scheduling.plugins.single_profile_handler import SingleProfileHandler
-from epp.scheduling.plugins.utilization_detector import UtilizationDetector
+from epp.framework.plugin import PluginContext
+from epp.plugins.flowcontrol.utilization_detector import UtilizationDetector
+from epp.plugins.scheduling.max_score_picker import MaxScorePicker
+from epp.plugins.scheduling.prefix_cache import SHARED_KEY, PrefixCacheScorer
+from epp.plugins.scheduling.single_profile_handler import SingleProfileHandler
 
 MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "config"
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
@@ -81,7 +81,8 @@ def test_build_default_bundle():
     assert isinstance(prof.picker, MaxScorePicker)
     assert set(bundle.plugins) >= {"queue-scorer", "max-score-picker", "metrics-data-source",
                                    "openai-parser", "utilization-detector"}
-    assert bundle.plugins["prefix-cache-scorer"].index is c.shared["approx-prefix-cache-index"].index
+    shared = c.state.get(SHARED_KEY)
+    assert shared is not None and bundle.plugins["prefix-cache-scorer"].index is shared.index
 
 
 # ---- injection and parsing ----

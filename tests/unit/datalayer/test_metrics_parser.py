@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.datalayer.endpoint import EndpointMetrics
 from epp.datalayer.metrics_parser import (
     BUILTIN_MAPPINGS,
     ENGINE_TYPE_LABEL,
@@ -19,6 +18,7 @@ from epp.datalayer.metrics_parser import (
     parse_labels,
     parse_metrics,
 )
+from epp.framework.datalayer import EndpointMetrics
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "vllm_metrics_sample.txt"
 

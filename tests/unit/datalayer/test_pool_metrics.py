@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from epp.datalayer.datastore import Datastore, PoolInfo
-from epp.datalayer.endpoint import Endpoint, EndpointMetrics
 from epp.datalayer.pool_metrics import PoolMetricsRefresher
+from epp.framework.datalayer import Endpoint, EndpointMetrics
 from epp.metrics import EppMetrics
 
 

@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.metrics_parser import ENGINE_TYPE_LABEL
 from epp.datalayer.scraper import MetricsScraper
+from epp.framework.datalayer import Endpoint
 from epp.metrics import EppMetrics
 
 SAMPLE = (Path(__file__).resolve().parents[2] / "data" / "vllm_metrics_sample.txt").read_text()

@@ -15,12 +15,12 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.datalayer.datastore import Datastore, RewriteRule, RewriteTarget
-from epp.datalayer.endpoint import Endpoint
+from epp.framework.datalayer import Endpoint
+from epp.framework.scheduling import LLMRequest, ProfileRunResult, SchedulingResult
 from epp.handlers.extproc import ExtProcServicer
 from epp.handlers.messages import BODY_CHUNK_LIMIT
 from epp.metrics import EppMetrics
 from epp.requestcontrol.director import Director
-from epp.scheduling.types import LLMRequest, ProfileRunResult, SchedulingResult
 
 Mode = processing_mode_pb2.ProcessingMode
 

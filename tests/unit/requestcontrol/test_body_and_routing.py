@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from epp.datalayer.datastore import Datastore, Objective, RewriteRule, RewriteTarget
-from epp.datalayer.endpoint import Endpoint
-from epp.requestcontrol.body import api_kind, parse_body
+from epp.framework.datalayer import Endpoint
+from epp.framework.errors import RequestError
+from epp.plugins.requestcontrol.openai_parser import api_kind, parse_body
 from epp.requestcontrol.candidates import subset_candidates
-from epp.requestcontrol.errors import RequestError
 from epp.requestcontrol.objectives import resolve_priority
 from epp.requestcontrol.rewrite import resolve_target_model
 

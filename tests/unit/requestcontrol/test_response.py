@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
+from epp.framework.requestcontrol import ResponseInfo
 from epp.requestcontrol.response import BodyRewriter
-from epp.scheduling.framework import ResponseInfo
 
 
 def _sse(*events: object) -> bytes:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from epp.datalayer.endpoint import Endpoint, EndpointMetrics
-from epp.scheduling.types import LLMRequest
+from epp.framework.datalayer import Endpoint, EndpointMetrics
+from epp.framework.scheduling import LLMRequest
 
 _counter = iter(range(1, 1_000_000))
 

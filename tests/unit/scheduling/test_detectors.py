@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from epp.scheduling.plugins.concurrency_detector import ConcurrencyDetector
-from epp.scheduling.plugins.utilization_detector import UtilizationDetector
+from epp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
+from epp.plugins.flowcontrol.utilization_detector import UtilizationDetector
 from tests.unit.scheduling._helpers import ep, req
 
 R = req()

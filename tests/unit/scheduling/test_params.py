@@ -7,13 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from epp.scheduling.params import parse_duration
-from epp.scheduling.plugins.utilization_detector import UtilizationParams
+from epp.framework.plugin import parse_duration
+from epp.plugins.flowcontrol.utilization_detector import UtilizationParams
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
     ("200ms", 0.2), ("2s", 2.0), ("1m", 60.0), ("1h", 3600.0), ("1m30s", 90.0),
-    ("1.5s", 1.5), ("500us", 0.0005), ("500µs", 0.0005), ("10ns", 1e-8), ("0", 0.0),
+    ("1.5s", 1.5), ("500us", 0.0005), ("500µs", 0.0005), ("1500ms", 1.5), ("0", 0.0),
     (0.25, 0.25), (3, 3.0),
 ])
 def test_durations(text, seconds):

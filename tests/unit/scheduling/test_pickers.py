@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epp.scheduling.plugins.max_score_picker import MaxScorePicker
-from epp.scheduling.plugins.random_picker import RandomPicker
-from epp.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
-from epp.scheduling.types import ScoredEndpoint
+from epp.framework.scheduling import ScoredEndpoint
+from epp.plugins.scheduling.max_score_picker import MaxScorePicker
+from epp.plugins.scheduling.random_picker import RandomPicker
+from epp.plugins.scheduling.weighted_random_picker import WeightedRandomPicker
 from tests.unit.scheduling._helpers import ep, req
 
 R = req()
@@ -110,9 +110,9 @@ def test_weighted_random_k_takes_non_positive_last():
 
 
 def test_near_ties_go_to_the_endpoint_picked_least_recently() -> None:
-    from epp.datalayer.endpoint import Endpoint
-    from epp.scheduling.plugins.max_score_picker import MaxScorePicker
-    from epp.scheduling.types import LLMRequest, ScoredEndpoint
+    from epp.framework.datalayer import Endpoint
+    from epp.framework.scheduling import LLMRequest, ScoredEndpoint
+    from epp.plugins.scheduling.max_score_picker import MaxScorePicker
 
     eps = [Endpoint(f"e{i}", "10.0.0.1", 8000 + i) for i in range(3)]
     for i, e in enumerate(eps):
@@ -130,9 +130,9 @@ def test_near_ties_go_to_the_endpoint_picked_least_recently() -> None:
 def test_round_robin_like_spread_when_every_endpoint_looks_the_same() -> None:
     import time
 
-    from epp.datalayer.endpoint import Endpoint
-    from epp.scheduling.plugins.max_score_picker import MaxScorePicker
-    from epp.scheduling.types import LLMRequest, ScoredEndpoint
+    from epp.framework.datalayer import Endpoint
+    from epp.framework.scheduling import LLMRequest, ScoredEndpoint
+    from epp.plugins.scheduling.max_score_picker import MaxScorePicker
 
     eps = [Endpoint(f"e{i}", "10.0.0.1", 8000 + i) for i in range(4)]
     picker = MaxScorePicker("p")

@@ -9,15 +9,11 @@ from pydantic import ValidationError
 from xxhash import xxh64_intdigest
 
 from epp.datalayer.datastore import Datastore
+from epp.framework.plugin import PluginContext
+from epp.framework.scheduling import ProfileRunResult, SchedulingResult
 from epp.metrics import EppMetrics
-from epp.scheduling.framework import PluginContext
-from epp.scheduling.plugins.prefix_cache import (
-    ApproxPrefixCacheProducer,
-    PrefixCacheScorer,
-    PrefixIndexParams,
-)
-from epp.scheduling.prefix_index import PrefixIndex, PrefixIndexConfig, chain_hashes
-from epp.scheduling.types import ProfileRunResult, SchedulingResult
+from epp.plugins.scheduling.prefix_cache import ApproxPrefixCacheProducer, PrefixCacheScorer, PrefixIndexParams
+from epp.plugins.scheduling.prefix_index import PrefixIndex, PrefixIndexConfig, chain_hashes
 from tests.unit.scheduling._helpers import ep, req
 
 BLOCK = 64  # default: 16 tokens x 4 chars

@@ -8,9 +8,11 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
+from epp.framework.flowcontrol import SaturationDetector
+from epp.framework.requestcontrol import PreRequest
+from epp.framework.scheduling import Picker, Scorer
 from epp.plugins import registry as registry_mod
-from epp.plugins.registry import PluginRegistryError, discover_plugins
-from epp.scheduling.framework import Picker, PreRequest, SaturationDetector, Scorer
+from epp.plugins.registry import BUILTIN_PACKAGES, PluginRegistryError, discover_plugins
 
 BUILTINS = {
     "queue-scorer", "kv-cache-utilization-scorer", "running-requests-size-scorer",
@@ -28,7 +30,7 @@ def test_finds_every_builtin():
     assert issubclass(reg["max-score-picker"], Picker)
     assert issubclass(reg["prefix-cache-scorer"], PreRequest)
     assert issubclass(reg["utilization-detector"], SaturationDetector)
-    assert reg.origin("queue-scorer") == "epp.scheduling.plugins.queue_scorer"
+    assert reg.origin("queue-scorer") == "epp.plugins.scheduling.queue_scorer"
 
 
 def test_every_builtin_params_forbid_unknown_keys():
@@ -47,7 +49,7 @@ def _make_package(tmp_path, name: str, files: dict[str, str]) -> None:
 
 
 PLUGIN_SRC = """
-from epp.scheduling.framework import Scorer
+from epp.framework.scheduling import Scorer
 
 class {cls}(Scorer):
     type_name = "{type_name}"
@@ -61,7 +63,7 @@ def test_adding_a_scorer_is_one_file(tmp_path, monkeypatch):
     _make_package(tmp_path, "extra_plugins_a",
                   {"mine.py": PLUGIN_SRC.format(cls="Mine", type_name="my-scorer")})
     monkeypatch.syspath_prepend(str(tmp_path))
-    reg = discover_plugins(packages=("epp.scheduling.plugins", "extra_plugins_a"))
+    reg = discover_plugins(packages=(*BUILTIN_PACKAGES, "extra_plugins_a"))
     assert "my-scorer" in reg and BUILTINS <= set(reg)
 
 
@@ -70,7 +72,7 @@ def test_duplicate_type_names_are_an_error(tmp_path, monkeypatch):
                   {"dup.py": PLUGIN_SRC.format(cls="Dup", type_name="queue-scorer")})
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginRegistryError, match=r"queue-scorer.*defined twice"):
-        discover_plugins(packages=("epp.scheduling.plugins", "extra_plugins_b"))
+        discover_plugins(packages=(*BUILTIN_PACKAGES, "extra_plugins_b"))
 
 
 def test_entry_points_are_loaded(tmp_path, monkeypatch):

@@ -9,20 +9,23 @@ import pytest
 
 from epp.config import build_scheduling, load_config
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.endpoint import Endpoint
-from epp.metrics import EppMetrics
-from epp.scheduling.framework import (
+from epp.framework.datalayer import Endpoint
+from epp.framework.plugin import PluginContext
+from epp.framework.scheduling import (
     Filter,
-    PluginContext,
+    LLMRequest,
     ProfileHandler,
+    ProfileRunResult,
     SchedulerProfile,
+    SchedulingError,
+    SchedulingResult,
     Scorer,
     WeightedScorer,
 )
-from epp.scheduling.plugins.max_score_picker import MaxScorePicker
-from epp.scheduling.plugins.single_profile_handler import SingleProfileHandler
+from epp.metrics import EppMetrics
+from epp.plugins.scheduling.max_score_picker import MaxScorePicker
+from epp.plugins.scheduling.single_profile_handler import SingleProfileHandler
 from epp.scheduling.scheduler import Scheduler
-from epp.scheduling.types import LLMRequest, ProfileRunResult, SchedulingError, SchedulingResult
 from tests.unit.scheduling._helpers import ep, req
 
 

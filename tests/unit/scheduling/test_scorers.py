@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epp.scheduling.plugins.active_request_scorer import ActiveRequestScorer
-from epp.scheduling.plugins.kv_cache_utilization_scorer import KVCacheUtilizationScorer
-from epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
-from epp.scheduling.plugins.queue_scorer import QueueScorer, effective_queue
-from epp.scheduling.plugins.running_requests_size_scorer import RunningRequestsSizeScorer
-from epp.scheduling.plugins.token_load_scorer import TokenLoadScorer
+from epp.plugins.scheduling.active_request_scorer import ActiveRequestScorer
+from epp.plugins.scheduling.kv_cache_utilization_scorer import KVCacheUtilizationScorer
+from epp.plugins.scheduling.lora_affinity_scorer import LoraAffinityScorer
+from epp.plugins.scheduling.queue_scorer import QueueScorer, effective_queue
+from epp.plugins.scheduling.running_requests_size_scorer import RunningRequestsSizeScorer
+from epp.plugins.scheduling.token_load_scorer import TokenLoadScorer
 from tests.unit.scheduling._helpers import ep, req
 
 R = req()

@@ -1,0 +1,94 @@
+"""Request control's extension points: parsing, hooks around scheduling, admission.
+
+``Admission`` is implemented by flow control (``epp.flowcontrol``): the legacy shedding gate,
+empty-pool holding, or the flow controller with queues. ``Demand`` is what the KEDA scaler and
+the demand gauges read from whichever admission runs.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from epp.framework.datalayer import Endpoint
+from epp.framework.plugin import Plugin
+from epp.framework.scheduling import LLMRequest, SchedulingResult
+
+
+@dataclass(slots=True)
+class ParsedBody:
+    """A request body parsed once: what request control and scheduling need from it."""
+
+    model: str
+    #: the parsed JSON object (request control may change ``model``; plugins only read it)
+    body: dict[str, Any]
+    #: "completions" | "chat/completions" | "responses" | "conversations" | "embeddings" | "other"
+    api: str
+    #: bytes the approximate prefix index hashes (prompt text, or JSON of messages)
+    prefix_text: bytes
+    stream: bool = False
+    max_tokens: int | None = None
+    cache_salt: str | None = None
+
+
+class Parser(Plugin):
+    """Parses a request body (GIE's ``parser``): raise ``RequestError`` (400) on bad input."""
+
+    @abstractmethod
+    def parse(self, raw: bytes | bytearray, path: str) -> ParsedBody: ...
+
+
+class PreRequest(Plugin):
+    """Runs after scheduling, before the request is forwarded (learn the pick, add headers)."""
+
+    @abstractmethod
+    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None: ...
+
+
+@dataclass(slots=True)
+class ResponseInfo:
+    """What the picker learned from the response (filled progressively)."""
+
+    status: int = 0
+    streaming: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    served_endpoint: str | None = None
+
+
+class ResponseComplete(Plugin):
+    """Runs once the response has ended (or the stream was reset: ``response.status`` 0)."""
+
+    @abstractmethod
+    def response_complete(
+        self, request: LLMRequest, response: ResponseInfo, endpoint: Endpoint | None
+    ) -> None: ...
+
+
+class Admission(Protocol):
+    """Decides whether (and when) a request may be scheduled.
+
+    ``candidates`` is re-evaluated by the admission controller when it dispatches, so a
+    request that waited in a queue is scheduled on the endpoints that exist *then*.
+    Raises RequestError to reject. ``release`` is called exactly once for every request that
+    ``admit`` returned for, when its response ends (or its stream is reset).
+    """
+
+    async def admit(self, request: LLMRequest, candidates: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]: ...
+
+    def release(self, request: LLMRequest, info: ResponseInfo) -> None: ...
+
+
+class Demand(Protocol):
+    """Queued and in-flight counts, and activity notifications (KEDA scaler, demand gauges)."""
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+    def add_activity_listener(self, listener: Callable[[], None]) -> None: ...

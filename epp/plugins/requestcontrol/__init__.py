@@ -1,0 +1,2 @@
+"""Request-control plugins: the request parser (``parser.pluginRef``); the interfaces are in
+``epp.framework.requestcontrol``."""
