@@ -61,8 +61,14 @@ class ProfileRunResult:
     """What one scheduling profile chose: ordered targets (primary first, then fallbacks)."""
 
     target_endpoints: list[Endpoint]
-    #: final weighted scores, for debugging/metrics (endpoint key -> score)
-    scores: dict[str, float] = field(default_factory=dict)
+    #: every candidate with its final weighted score (set by the scheduler; for debugging)
+    scored: Sequence[ScoredEndpoint] = ()
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Final weighted scores by endpoint key, built on demand (nothing on the request
+        path reads them, so the scheduler does not build this dict per request)."""
+        return {se.endpoint.key: se.score for se in self.scored}
 
 
 @dataclass(slots=True)

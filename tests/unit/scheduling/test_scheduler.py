@@ -15,7 +15,6 @@ from epp.framework.scheduling import (
     Filter,
     LLMRequest,
     ProfileHandler,
-    ProfileRunResult,
     SchedulerProfile,
     SchedulingError,
     SchedulingResult,
@@ -91,18 +90,31 @@ def test_e2e_duration_recorded():
         "inference_extension_scheduler_e2e_duration_seconds_count") == 2
 
 
-def test_plugin_durations_optional():
+def test_plugin_durations_are_recorded_for_a_sample_of_cycles():
     m = EppMetrics()
     prof = SchedulerProfile("default", [Drop("f", set())],
                             [WeightedScorer(Fixed("x", {}), 1)], MaxScorePicker("p"))
-    s = Scheduler(SingleProfileHandler("h"), {"default": prof}, m, plugin_durations=True)
-    s.schedule(req(), [ep()])
+    s = Scheduler(SingleProfileHandler("h"), {"default": prof}, m, plugin_duration_sample=4)
+    for _ in range(8):
+        s.schedule(req(), [ep()])
     get = m.registry.get_sample_value
     name = "inference_extension_plugin_duration_seconds_count"
-    assert get(name, {"extension_point": "Scorer", "plugin_type": "test-fixed",
-                      "plugin_name": "x"}) == 1
-    assert get(name, {"extension_point": "Picker", "plugin_type": "max-score-picker",
-                      "plugin_name": "p"}) == 1
+    for point, type_name, plugin in (("Filter", "test-drop", "f"), ("Scorer", "test-fixed", "x"),
+                                     ("Picker", "max-score-picker", "p")):
+        assert get(name, {"extension_point": point, "plugin_type": type_name, "plugin_name": plugin}) == 2
+
+
+def test_the_default_picker_configuration_records_plugin_durations():
+    from epp.config import build_scheduling, load_config
+    from epp.datalayer.datastore import Datastore
+    from epp.framework.plugin import PluginContext
+
+    m = EppMetrics()
+    bundle = build_scheduling(load_config(None), PluginContext(Datastore(), m))
+    bundle.scheduler.schedule(req(), [ep()])
+    assert m.registry.get_sample_value(
+        "inference_extension_plugin_duration_seconds_count",
+        {"extension_point": "Scorer", "plugin_type": "prefix-cache-scorer", "plugin_name": "prefix-cache-scorer"}) == 1
 
 
 class TwoStage(ProfileHandler):
@@ -129,7 +141,8 @@ def test_handler_loops_until_no_profiles_left():
     }
     res = Scheduler(TwoStage("h"), profiles).schedule(req(), [p, d])
     assert res.targets == [d]
-    assert res.profile_results["prefill"] == ProfileRunResult([p], {p.key: 0.0})
+    prefill = res.profile_results["prefill"]
+    assert prefill is not None and prefill.target_endpoints == [p] and prefill.scores == {p.key: 0.0}
 
 
 def test_failed_non_primary_profile_is_none_but_primary_decides():
