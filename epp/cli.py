@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("epp.runner.cli", "run the endpoint picker (Envoy ext_proc server)"),
@@ -21,12 +23,32 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: subcommands whose code lives in the source checkout, not in the installed package
+SOURCE_CHECKOUT_ONLY = {"benchmarks.cli": "benchmarks"}
+
+
+def _import(module: str) -> object:
+    """Import a subcommand's module. ``benchmarks`` is not installed with the package (a picker
+    pod does not need it): from an editable install it is found beside ``epp/``."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = SOURCE_CHECKOUT_ONLY.get(module)
+        if top is None or exc.name not in (top, module):
+            raise
+        root = Path(__file__).resolve().parents[1]
+        if not (root / top / "__init__.py").exists():
+            raise
+        sys.path.insert(0, str(root))
+        return importlib.import_module(module)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         try:
-            mod = importlib.import_module(module)
+            mod: Any = _import(module)
         except ModuleNotFoundError as exc:
             if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
                 continue  # subcommand not built yet
@@ -42,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the chosen subcommand's module when one is named (fast start).
     if argv and argv[0] in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         module, help_text = SUBCOMMANDS[argv[0]]
-        mod = importlib.import_module(module)
+        try:
+            mod: Any = _import(module)
+        except ModuleNotFoundError as exc:
+            if module in SOURCE_CHECKOUT_ONLY:
+                print(f"epp {argv[0]}: needs a source checkout of epp ({exc.name} is not installed with the "
+                      "package)", file=sys.stderr)
+                return 2
+            raise
         p = argparse.ArgumentParser(
             prog=f"epp {argv[0]}", description=(mod.__doc__ or help_text).strip(),
             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
