@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from epp.datalayer.metrics_parser import BUILTIN_MAPPINGS, MetricsParser
+from epp.datalayer.metric_mapping import BUILTIN_MAPPINGS
+from epp.datalayer.metrics_parser import MetricsParser
 
 _SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "data" / "vllm_metrics_sample.txt"
 

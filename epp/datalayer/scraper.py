@@ -27,13 +27,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from epp.datalayer.metrics_parser import (
-    DEFAULT_ENGINE_TYPE,
-    ENGINE_TYPE_LABEL,
-    EngineConfigs,
-    MetricsParser,
-    ParserSet,
-)
+from epp.datalayer.metric_mapping import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL, EngineConfigs
+from epp.datalayer.metrics_parser import MetricsParser, ParserSet
 from epp.framework.datalayer import Endpoint, format_hostport
 
 if TYPE_CHECKING:
@@ -64,7 +59,7 @@ class MetricsScraper:
 
     ``interval``: seconds between scrapes of one endpoint (``--refresh-metrics-interval``).
     ``timeout``: per-scrape budget. ``max_backoff``: cap of the failure backoff.
-    ``engine_configs``: ``engineConfigs`` entries (see ``metrics_parser.EngineConfigs``);
+    ``engine_configs``: ``engineConfigs`` entries (see ``metric_mapping.EngineConfigs``);
     ``default_engine`` / ``engine_label_key``: which mapping an endpoint gets by its labels.
     """
 

@@ -3,8 +3,8 @@ queue, running requests, KV-cache use, LoRA adapters and cache geometry.
 
 The engine is chosen per pod by a label (``engineLabelKey``, default GIE's
 ``inference.networking.k8s.io/engine-type``); ``engineConfigs`` replaces the built-in metric
-specs of an engine (vLLM, SGLang, TGI, ...). The parsing itself lives in
-``epp.datalayer.metrics_parser``.
+specs of an engine (vLLM, SGLang, TGI, ...). The mappings live in
+``epp.datalayer.metric_mapping``, the parsing in ``epp.datalayer.metrics_parser``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Self
 
 from pydantic import BaseModel, Field, field_validator
 
-from epp.datalayer.metrics_parser import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL
+from epp.datalayer.metric_mapping import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL
 from epp.framework.datalayer import MetricsExtractor
 from epp.framework.plugin import PluginContext, PluginParams
 
@@ -50,7 +50,7 @@ class CoreMetricsExtractorParams(PluginParams):
         return v
 
     def engine_overrides(self) -> dict[str, dict[str, str]] | None:
-        """``engineConfigs`` in the data layer's form (``epp.datalayer.metrics_parser``
+        """``engineConfigs`` in the data layer's form (``epp.datalayer.metric_mapping``
         ``build_mappings``): each entry replaces the whole built-in entry of the same engine,
         as in GIE; a spec left unset is disabled. The built-ins live in the data layer only."""
         if not self.engine_configs:

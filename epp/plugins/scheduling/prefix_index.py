@@ -213,6 +213,3 @@ class PrefixIndex:
     def blocks_of(self, key: str) -> list[int]:
         """The endpoint's block hashes, least recently used first."""
         return list(self._lrus.get(key, ()))
-
-    def is_empty(self) -> bool:
-        return not self._lrus

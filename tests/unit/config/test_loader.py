@@ -154,7 +154,7 @@ flowControl:
             cfg.metrics_source.insecure_skip_verify) == ("https", "/custom/metrics", False)
     overrides = cfg.metrics_extractor.engine_overrides()
     assert overrides is not None
-    from epp.datalayer.metrics_parser import build_mappings
+    from epp.datalayer.metric_mapping import build_mappings
 
     mappings = build_mappings(overrides)
     assert str(mappings["vllm"].queued[0]) == "my_waiting"

@@ -8,16 +8,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.datalayer.metrics_parser import (
-    BUILTIN_MAPPINGS,
-    ENGINE_TYPE_LABEL,
-    MetricMapping,
-    MetricsParser,
-    MetricSpec,
-    ParserSet,
-    parse_labels,
-    parse_metrics,
-)
+from epp.datalayer.metric_mapping import BUILTIN_MAPPINGS, ENGINE_TYPE_LABEL, MetricMapping, MetricSpec
+from epp.datalayer.metrics_parser import MetricsParser, ParserSet, parse_labels, parse_metrics
 from epp.framework.datalayer import EndpointMetrics
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "vllm_metrics_sample.txt"

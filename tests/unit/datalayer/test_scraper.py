@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.metrics_parser import ENGINE_TYPE_LABEL
+from epp.datalayer.metric_mapping import ENGINE_TYPE_LABEL
 from epp.datalayer.scraper import MetricsScraper
 from epp.framework.datalayer import Endpoint
 from epp.metrics import EppMetrics
