@@ -109,7 +109,7 @@ class PrefillAllowlist:
         """Re-read the pool file if it changed; keeps the last good set on errors."""
         if self.pool_file is None:
             return False
-        from epp.discovery.static import PoolFileError, load_pool_file
+        from epp.discovery.pool_file import PoolFileError, load_pool_file
 
         try:
             st = os.stat(self.pool_file)

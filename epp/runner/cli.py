@@ -128,7 +128,8 @@ def build_discovery(args: argparse.Namespace) -> Discovery:
             "exactly one of --endpoints, --pool-file, --pool-name, --endpoint-selector is required "
             f"(given: {flags})"
         )
-    from epp.discovery.static import PoolFileError, StaticDiscovery
+    from epp.discovery.pool_file import PoolFileError
+    from epp.discovery.static import StaticDiscovery
 
     try:
         if args.endpoints:

@@ -12,7 +12,8 @@ import pytest
 
 from epp.datalayer.datastore import Datastore, PoolInfo
 from epp.discovery.base import Discovery
-from epp.discovery.static import PoolFileError, StaticDiscovery, parse_endpoints_flag, parse_pool_text
+from epp.discovery.pool_file import PoolFileError, parse_endpoints_flag, parse_pool_definition
+from epp.discovery.static import StaticDiscovery
 
 
 def write(path: Path, text: str) -> None:
@@ -133,10 +134,10 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_empty_endpoint_list_is_valid() -> None:
-    pool, eps = parse_pool_text("endpoints: []\n", "x.yaml")
-    assert eps == [] and pool.name == "default"
-    pool, eps = parse_pool_text("pool: {name: z}\nendpoints:\n", "x.yaml")
-    assert eps == [] and pool.name == "z" and pool.namespace == "default"
+    d = parse_pool_definition("endpoints: []\n", "x.yaml")
+    assert d.endpoints == [] and d.pool.name == "default"
+    d = parse_pool_definition("pool: {name: z}\nendpoints:\n", "x.yaml")
+    assert d.endpoints == [] and d.pool.name == "z" and d.pool.namespace == "default"
 
 
 # ---- live reload ----
@@ -233,4 +234,4 @@ async def test_pool_file_objectives_reach_the_datastore_and_follow_edits(tmp_pat
 
 def test_duplicate_objective_named_in_error() -> None:
     with pytest.raises(PoolFileError, match=r"objectives\[1\].name: duplicate objective 'a'"):
-        parse_pool_text("endpoints: []\nobjectives: [{name: a}, {name: a}]\n", "p.yaml")
+        parse_pool_definition("endpoints: []\nobjectives: [{name: a}, {name: a}]\n", "p.yaml")
