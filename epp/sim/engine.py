@@ -34,66 +34,18 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any
 
 from epp.sim.config import LoraModule, SimConfig
 from epp.sim.kvcache import KVCache, chain_digests
 from epp.sim.kvevents import KVEventPublisher
 from epp.sim.metrics import EngineStats, Gauges, labels
+from epp.sim.sequence import SeqState, Sequence
 
 _LORA_SERIES_LIMIT = 256
 
 
-class SeqState(IntEnum):
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2
-
-
 class QueueFullError(Exception):
     """The waiting queue is at ``max_waiting_queue_length``."""
-
-
-@dataclass(slots=True)
-class Sequence:
-    """One request inside the engine (n=1): its tokens, KV blocks, progress and timestamps."""
-
-    request_id: str
-    token_ids: list[int]
-    max_tokens: int
-    lora: LoraModule | None = None
-    lora_id: int | None = None
-    remote_prefill: bool = False  # P/D decode leg: prompt KV arrives from the prefiller
-    remote_decode: bool = False  # P/D prefill leg: return kv_transfer_params
-    prompt_len: int = 0
-    extra_keys: Any = None
-    num_computed: int = 0
-    block_ids: list[int] = field(default_factory=list)
-    digests: list[bytes] = field(default_factory=list)
-    num_registered: int = 0
-    generated: int = 0
-    cached_tokens: int = -1  # set at first admission (local hits + transferred)
-    preemptions: int = 0
-    state: SeqState = SeqState.WAITING
-    finish_reason: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-    arrival: float = 0.0
-    scheduled_at: float = 0.0
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    finished_at: float = 0.0
-    waiter: asyncio.Future[None] | None = None
-
-    def __post_init__(self) -> None:
-        self.prompt_len = len(self.token_ids)
-        if self.lora is not None:
-            # vLLM's LoRA extra key for block hashes: the adapter's name *and* path.
-            self.extra_keys = (("lora", self.lora.name, self.lora.path),)
-
-    @property
-    def finished(self) -> bool:
-        return self.state == SeqState.FINISHED
 
 
 @dataclass(slots=True)
@@ -182,7 +134,7 @@ class Engine:
         seq.finish_reason = "abort"
         seq.finished_at = time.monotonic()
         self.stats.success["abort"] += 1
-        _notify(seq)
+        seq.wake()
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset()
@@ -425,7 +377,7 @@ class Engine:
             seq.last_token_at = now
             if seq.generated >= seq.max_tokens:
                 self._finish(seq, "length", now)
-            _notify(seq)
+            seq.wake()
         st.generation_tokens += gen
         st.dirty = True
 
@@ -447,26 +399,4 @@ class Engine:
         seq.state = SeqState.FINISHED
         seq.finish_reason = reason
         seq.finished_at = now
-        st = self.stats
-        st.success[reason] = st.success.get(reason, 0) + 1
-        st.h_e2e.observe(now - seq.arrival)
-        st.h_queue.observe(seq.scheduled_at - seq.arrival)
-        st.h_inference.observe(now - seq.scheduled_at)
-        st.h_prefill.observe(seq.first_token_at - seq.scheduled_at)
-        decode = now - seq.first_token_at
-        st.h_decode.observe(decode)
-        if seq.generated > 1:
-            st.h_tpot.observe(decode / (seq.generated - 1))
-        st.h_prompt_tokens.observe(float(seq.prompt_len))
-        st.h_generation_tokens.observe(float(seq.generated))
-        st.h_max_gen_tokens.observe(float(seq.max_tokens))
-        st.h_params_max_tokens.observe(float(seq.max_tokens))
-        st.h_params_n.observe(1.0)
-        st.h_num_preemptions.observe(float(seq.preemptions))
-        st.h_prefill_computed.observe(float(seq.prompt_len - max(seq.cached_tokens, 0)))
-
-
-def _notify(seq: Sequence) -> None:
-    w = seq.waiter
-    if w is not None and not w.done():
-        w.set_result(None)
+        self.stats.record_finished(seq, reason, now)

@@ -18,6 +18,10 @@ import math
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from epp.sim.sequence import Sequence
 
 _REQ_LAT_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -110,6 +114,26 @@ class EngineStats:
     h_decode: Histogram = field(default_factory=lambda: Histogram(_REQ_LAT_BUCKETS))
     h_num_preemptions: Histogram = field(default_factory=lambda: Histogram(_PREEMPT_BUCKETS))
     h_prefill_computed: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+
+    def record_finished(self, seq: Sequence, reason: str, now: float) -> None:
+        """A request finished (``reason`` as vLLM's ``finished_reason``): count it and observe
+        its per-request histograms, as vLLM does once per finished request."""
+        self.success[reason] = self.success.get(reason, 0) + 1
+        self.h_e2e.observe(now - seq.arrival)
+        self.h_queue.observe(seq.scheduled_at - seq.arrival)
+        self.h_inference.observe(now - seq.scheduled_at)
+        self.h_prefill.observe(seq.first_token_at - seq.scheduled_at)
+        decode = now - seq.first_token_at
+        self.h_decode.observe(decode)
+        if seq.generated > 1:
+            self.h_tpot.observe(decode / (seq.generated - 1))
+        self.h_prompt_tokens.observe(float(seq.prompt_len))
+        self.h_generation_tokens.observe(float(seq.generated))
+        self.h_max_gen_tokens.observe(float(seq.max_tokens))
+        self.h_params_max_tokens.observe(float(seq.max_tokens))
+        self.h_params_n.observe(1.0)
+        self.h_num_preemptions.observe(float(seq.preemptions))
+        self.h_prefill_computed.observe(float(seq.prompt_len - max(seq.cached_tokens, 0)))
 
 
 # (attribute on EngineStats, family name, HELP) in the order of vLLM's page.

@@ -7,14 +7,14 @@ framing (``data: {json}\\n\\n`` per token, optional usage chunk, ``data: [DONE]`
 ``/metrics``. Every response names the serving pod (``x-inference-pod``/``-port``/``-namespace``)
 so tests and benchmarks can assert where the picker sent a request.
 
-Per-token SSE chunks are pre-built byte templates (JSON prefix + pre-encoded token text +
-suffix) so streaming costs a join and one write per engine step per request.
+Request validation is :mod:`epp.sim.openai_request`, response bytes (bodies and the SSE frame
+templates) :mod:`epp.sim.openai_response`; this module routes, runs the request through the
+engine and writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,25 +24,17 @@ import orjson
 from aiohttp import web
 
 from epp.sim.config import LoraModule, SimConfig
-from epp.sim.engine import Engine, QueueFullError, Sequence
+from epp.sim.engine import Engine, QueueFullError
 from epp.sim.errors import FAILURE_TYPES, error_body
 from epp.sim.metrics import MetricsPage, cache_config_labels
+from epp.sim.openai_request import ParsedRequest, RequestError, parse_completion
+from epp.sim.openai_response import DONE, StreamFrames, completion_body
+from epp.sim.sequence import Sequence
 from epp.sim.tokenizer import Tokenizer
 
 KV_BYTES_PER_TOKEN = 131072  # Llama-3.1-8B bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
 _JSON = "application/json"
 _METRICS_CT = "text/plain; version=0.0.4; charset=utf-8"
-_DONE = b"data: [DONE]\n\n"
-
-
-class RequestError(Exception):
-    """A request the server answers with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
 
 
 @dataclass(slots=True)
@@ -215,12 +207,13 @@ class PodServer:
         except orjson.JSONDecodeError as exc:
             return self._error(400, f"Invalid JSON body: {exc}")
         try:
-            model, seq, _, _ = self._parse(body, chat)
+            req = self._parse(body, chat)
         except RequestError as e:
             return self._error(e.status, e.message, e.param)
+        seq = req.seq
         doc = {
             "request_id": seq.request_id,
-            "model": model,
+            "model": req.model,
             "token_ids": seq.token_ids,
             "sampling_params": {"max_tokens": seq.max_tokens},
         }
@@ -242,77 +235,9 @@ class PodServer:
             return self._error(status, message)
         return None
 
-    def _parse(self, body: Any, chat: bool) -> tuple[str, Sequence, bool, bool]:
-        """Validate a completion body into a ``Sequence``; returns (model, seq, stream, usage)."""
-        if not isinstance(body, dict):
-            raise RequestError(400, "Request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise RequestError(400, "The 'model' field is required.", "model")
-        cfg = self.config
-        lora: LoraModule | None = None
-        if model not in cfg.served_model_names:
-            lora = self.engine.loras.get(model)
-            if lora is None:
-                raise RequestError(404, f"The model `{model}` does not exist.", "model")
-        n = body.get("n")
-        if n is not None and n != 1:
-            raise RequestError(400, "The simulator supports n=1 only.", "n")
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise RequestError(400, "'messages' must be a non-empty list.", "messages")
-            ids = self.tokenizer.encode_chat(messages)
-        else:
-            ids = self._prompt_ids(body.get("prompt"))
-        max_tokens = body.get("max_completion_tokens") if chat else None
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = cfg.default_max_tokens
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens!r}.", "max_tokens")
-        total = len(ids) + max_tokens
-        if total > cfg.max_model_len:
-            raise RequestError(
-                400,
-                f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(ids)} in the messages, {max_tokens} in the completion). Please reduce "
-                "the length of the messages or completion.",
-            )
-        if -(-total // cfg.block_size) > cfg.num_gpu_blocks - 1:
-            raise RequestError(400, f"Request needs {total} tokens of KV cache; the pod has "
-                                    f"{(cfg.num_gpu_blocks - 1) * cfg.block_size}.")
-        ktp = body.get("kv_transfer_params")
-        remote_decode = remote_prefill = False
-        if isinstance(ktp, dict):
-            remote_decode = bool(ktp.get("do_remote_decode"))
-            remote_prefill = bool(ktp.get("do_remote_prefill"))
-        stream = bool(body.get("stream"))
-        so = body.get("stream_options")
-        include_usage = stream and isinstance(so, dict) and bool(so.get("include_usage"))
-        prefix = "chatcmpl-" if chat else "cmpl-"
-        seq = Sequence(
-            request_id=prefix + os.urandom(16).hex(),
-            token_ids=ids,
-            max_tokens=max_tokens,
-            lora=lora,
-            lora_id=self.engine.lora_ids.get(lora.name) if lora else None,
-            remote_prefill=remote_prefill,
-            remote_decode=remote_decode,
-        )
-        return model, seq, stream, include_usage
-
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode_prompt(prompt)
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                return list(prompt)
-            if len(prompt) == 1:
-                return self._prompt_ids(prompt[0])
-            raise RequestError(400, "The simulator supports one prompt per request.", "prompt")
-        raise RequestError(400, "'prompt' must be a string or a list of token ids.", "prompt")
+    def _parse(self, body: Any, chat: bool) -> ParsedRequest:
+        engine = self.engine
+        return parse_completion(body, chat, self.config, self.tokenizer, engine.loras, engine.lora_ids)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         cfg = self.config
@@ -327,9 +252,10 @@ class PodServer:
         except orjson.JSONDecodeError as exc:
             return self._error(400, f"Invalid JSON body: {exc}")
         try:
-            model, seq, stream, include_usage = self._parse(body, chat)
+            req = self._parse(body, chat)
         except RequestError as e:
             return self._error(e.status, e.message, e.param)
+        seq = req.seq
         engine = self.engine
         if seq.remote_prefill:
             await self._transfer(seq)
@@ -340,9 +266,9 @@ class PodServer:
         except QueueFullError:
             return self._error(429, "The simulated server's waiting queue is full.")
         try:
-            if stream:
-                return await self._stream(request, seq, model, chat, include_usage)
-            return await self._complete(seq, model, chat)
+            if req.stream:
+                return await self._stream(request, seq, req.model, chat, req.include_usage)
+            return await self._complete(seq, req.model, chat)
         finally:
             if not seq.finished:
                 engine.abort(seq)
@@ -369,14 +295,6 @@ class PodServer:
             finally:
                 seq.waiter = None
 
-    def _usage(self, seq: Sequence) -> dict[str, Any]:
-        return {
-            "prompt_tokens": seq.prompt_len,
-            "total_tokens": seq.prompt_len + seq.generated,
-            "completion_tokens": seq.generated,
-            "prompt_tokens_details": {"cached_tokens": max(seq.cached_tokens, 0)},
-        }
-
     async def _complete(self, seq: Sequence, model: str, chat: bool) -> web.Response:
         await self._wait(seq, seq.max_tokens)
         if seq.finish_reason == "abort":
@@ -384,24 +302,7 @@ class PodServer:
         strs = self._out_strs
         n = len(strs)
         text = "".join(strs[i % n] for i in range(seq.generated))
-        if chat:
-            out: dict[str, Any] = {
-                "id": seq.request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                     "annotations": None, "audio": None, "function_call": None,
-                                                     "tool_calls": [], "reasoning_content": None},
-                             "logprobs": None, "finish_reason": seq.finish_reason, "stop_reason": None}],
-                "service_tier": None, "system_fingerprint": None, "usage": self._usage(seq),
-                "prompt_logprobs": None, "kv_transfer_params": seq.kv_transfer_params,
-            }
-        else:
-            out = {
-                "id": seq.request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
-                             "stop_reason": None, "prompt_logprobs": None}],
-                "usage": self._usage(seq), "kv_transfer_params": seq.kv_transfer_params,
-            }
-        return self._json(orjson.dumps(out))
+        return self._json(completion_body(seq, model, chat, text))
 
     async def _stream(
         self, request: web.Request, seq: Sequence, model: str, chat: bool, include_usage: bool
@@ -412,21 +313,8 @@ class PodServer:
         resp.headers["cache-control"] = "no-cache"
         resp.enable_chunked_encoding()
         await resp.prepare(request)
-        created = int(time.time())
-        common = (b'data: {"id":"' + seq.request_id.encode() + b'","object":'
-                  + (b'"chat.completion.chunk"' if chat else b'"text_completion"')
-                  + b',"created":' + str(created).encode() + b',"model":' + orjson.dumps(model))
-        if chat:
-            head = common + b',"choices":[{"index":0,"delta":{"content":'
-            mid = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-            last = b'},"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
-            role = common + (b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-                             b'"logprobs":null,"finish_reason":null}]}\n\n')
-        else:
-            head = common + b',"choices":[{"index":0,"text":'
-            mid = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
-            last = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
-            role = b""
+        frames = StreamFrames.build(seq, model, chat)
+        head, mid, last, role = frames.head, frames.mid, frames.last, frames.role
         texts = self.out_texts
         n_texts = len(texts)
         sent = 0
@@ -448,9 +336,6 @@ class PodServer:
                 break
         if seq.finish_reason == "abort":
             return resp  # pod stopping: the connection is closed without [DONE]
-        tail = b""
-        if include_usage:
-            tail = (common + b',"choices":[],"usage":' + orjson.dumps(self._usage(seq)) + b"}\n\n")
-        await resp.write(tail + _DONE)
+        await resp.write((frames.usage_frame(seq) if include_usage else b"") + DONE)
         await resp.write_eof()
         return resp
