@@ -1,9 +1,10 @@
-"""Generated code for ``protos/externalscaler.proto``, made on first use.
+"""Generated code for ``protos/externalscaler.proto``.
 
-Choice: the generated modules are *not* committed. On first import we run grpcio-tools'
-``protoc`` (in-process) into ``epp/_gen/`` (git-ignored) and reuse the result while it is
-newer than the .proto. That works on a fresh checkout (``make test`` installs the ``codegen``
-extra), never goes stale when the .proto changes, and keeps generated code out of reviews.
+The generated modules are not committed. A wheel (and so the container image) carries them:
+``setup.py`` compiles ``protos/`` with grpcio-tools at build time into ``epp/_gen/``. A source
+checkout generates them on first import instead (``protoc`` in-process, ``make test``
+installs the ``codegen`` extra) and reuses the result while it is newer than the .proto, so
+they never go stale when the .proto changes.
 Files are written to a temporary directory and moved into place atomically, so several
 processes starting at once (tests start pickers in parallel) cannot read half a file.
 
