@@ -26,9 +26,8 @@ class BuildWithProtos(build_py):
         super().run()
         if self.editable_mode:
             return  # a source checkout generates on first use
-        from grpc_tools import protoc  # build requirement (pyproject [build-system])
-
         import grpc_tools
+        from grpc_tools import protoc  # build requirement (pyproject [build-system])
 
         well_known = Path(grpc_tools.__file__).parent / "_proto"
         out = Path(self.build_lib) / "epp" / "_gen"

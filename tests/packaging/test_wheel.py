@@ -69,8 +69,8 @@ def _clean_env() -> dict[str, str]:
 def test_the_installed_picker_routes_through_envoy_and_answers_keda(installed: Path, tmp_path: Path) -> None:
     python = installed / "python"
     probe = subprocess.run(
-        [str(python), "-c", "import epp, sys; print(epp.__file__); print(any(p.startswith(%r) for p in sys.path))"
-         % str(ROOT)],
+        [str(python), "-c",
+         f"import epp, sys; print(epp.__file__); print(any(p.startswith({str(ROOT)!r}) for p in sys.path))"],
         cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60, check=True,
     )
     where, source_on_path = probe.stdout.split()
