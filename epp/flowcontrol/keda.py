@@ -23,28 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from epp.flowcontrol import keda_proto
+from epp.framework.requestcontrol import Demand
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = 10.0
 METRICS = ("demand", "queued", "inflight")
-
-
-class Demand(Protocol):
-    """What admission knows about the requests it holds and has let through."""
-
-    @property
-    def queued(self) -> int: ...
-
-    @property
-    def inflight(self) -> int: ...
-
-    def add_activity_listener(self, listener: Callable[[], None]) -> None: ...
 
 
 class _BadMetadata(ValueError):

@@ -14,7 +14,8 @@ from epp.config.loader import ConfigError, PickerConfig, SchedulingBundle
 from epp.datalayer.datastore import Datastore
 from epp.flowcontrol.config import FlowControlConfig, FlowControlConfigError, parse_flow_control
 from epp.flowcontrol.controller import FlowController
-from epp.flowcontrol.hold import DatastoreDemand, HoldingAdmission
+from epp.flowcontrol.demand import DatastoreDemand
+from epp.flowcontrol.hold import HoldingAdmission
 from epp.flowcontrol.legacy import LegacyAdmission
 from epp.framework.flowcontrol import FairnessPolicy, OrderingPolicy
 from epp.framework.plugin import Plugin, PluginContext

@@ -1,6 +1,9 @@
 """The flow controller in-process: a deterministic pool (one endpoint, a concurrency limit), a
 driver that plays the director (count in flight on admit, release with usage on completion),
-and assertions on who got dispatched, in what order, with what outcome."""
+and assertions on who got dispatched, in what order, with what outcome.
+
+Time is a ``ManualClock``: TTLs, the empty-pool budget and the dispatcher's re-check fire
+when a test advances it, never by sleeping."""
 
 from __future__ import annotations
 
@@ -11,22 +14,27 @@ from typing import Any
 import pytest
 
 from epp.datalayer.datastore import Datastore
+from epp.flowcontrol.clock import ManualClock
 from epp.flowcontrol.config import parse_flow_control
 from epp.flowcontrol.controller import FlowController
+from epp.flowcontrol.queues import TTL_HEADER
 from epp.framework.datalayer import Endpoint
 from epp.framework.errors import RequestError
-from epp.framework.flowcontrol import FairnessPolicy
+from epp.framework.flowcontrol import FairnessPolicy, OrderingPolicy
 from epp.framework.requestcontrol import ResponseInfo
 from epp.framework.scheduling import LLMRequest
 from epp.metrics import EppMetrics
 from epp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
+from epp.plugins.flowcontrol.edf_ordering_policy import EdfOrderingPolicy
 from epp.plugins.flowcontrol.round_robin_fairness_policy import RoundRobinFairnessPolicy
 from epp.plugins.flowcontrol.token_fair_share_policy import TierSpec, TokenFairShareParams, TokenFairSharePolicy
 
 
-def request(fid: str, prompt: int = 100, out: int = 100, priority: int = 0, n: int = 0) -> LLMRequest:
+def request(fid: str, prompt: int = 100, out: int = 100, priority: int = 0, n: int = 0,
+            ttl: str | None = None) -> LLMRequest:
     return LLMRequest(request_id=f"{fid}-{n}", target_model="m", incoming_model="m", max_tokens=out,
-                      estimated_prompt_tokens=prompt, priority=priority, fairness_id=fid)
+                      estimated_prompt_tokens=prompt, priority=priority, fairness_id=fid,
+                      headers={TTL_HEADER: ttl} if ttl is not None else {})
 
 
 async def settle(turns: int = 30) -> None:
@@ -71,17 +79,26 @@ class Pool:
 
 
 def make(capacity: int = 2, fc: dict[str, Any] | None = None, policy: FairnessPolicy | None = None,
-         empty_pool_wait: float = 120.0, with_endpoint: bool = True) -> tuple[FlowController, Pool, EppMetrics]:
+         empty_pool_wait: float = 120.0, with_endpoint: bool = True,
+         ordering: OrderingPolicy | None = None) -> tuple[FlowController, Pool, EppMetrics]:
+    """A controller on a ``ManualClock`` (``ctl.clock``); bands refer to the fairness policy
+    as "p" and to the ordering policy as "o"."""
     ds = Datastore()
     ep = Endpoint("pod", "10.0.0.1", 8000)
     if with_endpoint:
         ds.replace_endpoints([ep])
     metrics = EppMetrics()
     cfg = parse_flow_control(fc or {"defaultPriorityBand": {"fairnessPolicyRef": "p"}})
-    pol = policy or TokenFairSharePolicy("p")
+    plugins = {"p": policy or TokenFairSharePolicy("p"), "o": ordering}
     ctl = FlowController(cfg, ConcurrencyDetector("cd", max_concurrency=capacity), ds, metrics,
-                         lambda ref: pol if ref == "p" else None, empty_pool_wait=empty_pool_wait)
+                         plugins.get, empty_pool_wait=empty_pool_wait, clock=ManualClock())
     return ctl, Pool(ctl, ep), metrics
+
+
+def advance(ctl: FlowController, seconds: float) -> None:
+    clock = ctl.clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(seconds)
 
 
 def outcome_count(metrics: EppMetrics, outcome: str) -> float:
@@ -239,10 +256,53 @@ async def test_ttl_expiry_gives_503() -> None:
     await ctl.start()
     pool.submit(request("a", n=0))
     task = pool.submit(request("a", n=1))
-    await asyncio.wait_for(task, 2)
-    assert pool.errors["a-1"].status == 503
+    await settle()
+    advance(ctl, 0.049)
+    await settle()
+    assert not task.done() and ctl.queued == 1  # not a moment early
+    advance(ctl, 0.001)
+    await settle()
+    assert task.done() and pool.errors["a-1"].status == 503
     assert ctl.queued == 0
     assert outcome_count(metrics, "EvictedTTL") == 1
+    await ctl.stop()
+
+
+async def test_request_ttl_header_shortens_the_default_but_cannot_extend_it() -> None:
+    ctl, pool, _ = make(capacity=1, fc={"defaultRequestTTL": "10s"})
+    await ctl.start()
+    pool.submit(request("a", n=0))  # runs
+    short = pool.submit(request("a", n=1, ttl="2s"))
+    long = pool.submit(request("a", n=2, ttl="1h"))  # capped at the 10 s default
+    typo = pool.submit(request("a", n=3, ttl="soon"))  # ignored: the default applies
+    await settle()
+    advance(ctl, 2)
+    await settle()
+    assert short.done() and pool.errors["a-1"].status == 503
+    assert not long.done() and not typo.done()
+    advance(ctl, 8)
+    await settle()
+    assert long.done() and typo.done() and set(pool.errors) == {"a-1", "a-2", "a-3"}
+    await ctl.stop()
+
+
+@pytest.mark.parametrize("ordering", ["edf", "fcfs"])
+async def test_edf_dispatches_the_earliest_deadline_not_the_oldest_request(ordering: str) -> None:
+    """A later request with a shorter TTL overtakes an earlier one with the default TTL under
+    EDF; FCFS keeps arrival order."""
+    fc = {"defaultRequestTTL": "60s", "defaultPriorityBand": {"fairnessPolicyRef": "p", "orderingPolicyRef": "o"}}
+    ctl, pool, _ = make(capacity=1, fc=fc, ordering=EdfOrderingPolicy("o") if ordering == "edf" else None)
+    await ctl.start()
+    pool.submit(request("a", n=0))  # takes the only slot
+    await settle()
+    pool.submit(request("a", n=1))  # deadline t+60
+    await settle()
+    advance(ctl, 1)
+    pool.submit(request("a", n=2, ttl="5s"))  # arrives later, deadline t+6
+    await settle()
+    await pool.complete(2)
+    order = [r.request_id for r in pool.order]
+    assert order == (["a-0", "a-2", "a-1"] if ordering == "edf" else ["a-0", "a-1", "a-2"])
     await ctl.stop()
 
 
@@ -278,9 +338,16 @@ async def test_empty_pool_holds_then_dispatches_everything_in_fair_order() -> No
 
 
 async def test_empty_pool_wait_expires_with_503_scaling_message() -> None:
-    ctl, pool, metrics = make(with_endpoint=False, empty_pool_wait=0.05)
+    ctl, pool, metrics = make(with_endpoint=False, empty_pool_wait=30)
     await ctl.start()
-    await asyncio.wait_for(pool.submit(request("a")), 2)
+    task = pool.submit(request("a"))
+    await settle()
+    advance(ctl, 29.9)
+    await settle()
+    assert not task.done()
+    advance(ctl, 0.1)
+    await settle()
+    assert task.done()
     err = pool.errors["a-0"]
     assert err.status == 503 and b"scaling up from zero" in err.body()
     assert outcome_count(metrics, "EvictedNoEndpoints") == 1
@@ -298,11 +365,55 @@ async def test_time_waiting_for_an_empty_pool_does_not_count_against_the_ttl() -
     await ctl.start()
     pool.submit(request("a", n=0))
     pool.submit(request("a", n=1))
-    await asyncio.sleep(0.2)  # longer than the TTL, but the pool was empty
+    await settle()
+    advance(ctl, 0.2)  # longer than the TTL, but the pool was empty
+    await settle()
+    assert not pool.errors
     ctl.datastore.replace_endpoints([pool.ep])
     await settle()
     assert [r.request_id for r in pool.order] == ["a-0"] and not pool.errors
     await pool.complete(1)
+    assert [r.request_id for r in pool.order] == ["a-0", "a-1"]
+    await ctl.stop()
+
+
+async def test_a_held_request_expires_one_ttl_after_the_pool_comes_up() -> None:
+    """The TTL starts when the pool comes up, and is enforced from then on even though the
+    request was admitted (and its wait-budget timer armed) while the pool was empty."""
+    ctl, pool, metrics = make(capacity=1, with_endpoint=False, fc={"defaultRequestTTL": "1s"}, empty_pool_wait=60)
+    await ctl.start()
+    pool.submit(request("a", n=0))
+    waiting = pool.submit(request("a", n=1))
+    await settle()
+    advance(ctl, 2.5)  # held longer than the TTL: does not count
+    await settle()
+    ctl.datastore.replace_endpoints([pool.ep])  # a-0 runs, a-1 waits for capacity
+    await settle()
+    advance(ctl, 0.99)
+    await settle()
+    assert not waiting.done()
+    advance(ctl, 0.01)
+    await settle()
+    assert waiting.done() and pool.errors["a-1"].status == 503
+    assert outcome_count(metrics, "EvictedTTL") == 1
+    await ctl.stop()
+
+
+async def test_blocked_dispatcher_rechecks_saturation_every_poll_interval() -> None:
+    """Saturation can drop without any event of ours (a scrape): the dispatcher re-checks
+    after ``dispatchPollInterval`` on the controller's clock."""
+    ctl, pool, _ = make(capacity=1, fc={"dispatchPollInterval": "50ms",
+                                        "defaultPriorityBand": {"fairnessPolicyRef": "p"}})
+    await ctl.start()
+    pool.submit(request("a", n=0))
+    await settle()
+    pool.submit(request("a", n=1))
+    await settle()
+    pool.ep.inflight -= 1  # capacity freed behind the controller's back
+    await settle()
+    assert len(pool.order) == 1
+    advance(ctl, 0.05)
+    await settle()
     assert [r.request_id for r in pool.order] == ["a-0", "a-1"]
     await ctl.stop()
 
