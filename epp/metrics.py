@@ -112,6 +112,10 @@ class EppMetrics:
             "epp_served_endpoint_total",
             "Responses by the endpoint the gateway reports as served, and whether it was the "
             "picker's primary choice.", ("endpoint", "matched_pick"), registry=r)
+        self.extproc_protocol_errors = Counter(
+            "epp_extproc_protocol_errors_total",
+            "ext_proc streams the picker ended (gRPC INVALID_ARGUMENT) because a message came out "
+            "of order, by the message type that broke the order.", ("message",), registry=r)
         self.scrape_errors = Counter(
             "epp_metrics_scrape_errors_total", "Failed model-server metric scrapes.",
             ("endpoint",), registry=r)
@@ -193,7 +197,8 @@ class ModelSeries:
 
     ``Metric.labels(...)`` costs a few µs per call (it validates and hashes the label
     values); a request records about ten of them, so the request path looks them up here
-    instead: one dict lookup per request.
+    instead: one dict lookup per request. ``remove`` takes the children out of the registry
+    again (label values that are gone must not stay exported forever).
     """
 
     __slots__ = (
@@ -227,10 +232,34 @@ class ModelSeries:
             c = self._errors[code] = self._metrics.request_error_total.labels(*self.labels, code)
         return c
 
+    def remove(self) -> None:
+        """Drop this series' children from the registry (``running`` is keyed by the model
+        alone and shared with other targets: the cache removes it once per model)."""
+        m = self._metrics
+        for metric in (m.request_sizes, m.response_sizes, m.request_duration, m.input_tokens,
+                       m.output_tokens, m.prompt_cached_tokens, m.normalized_tpot):
+            _remove(metric, *self.labels)
+        for priority in self._priorities:
+            _remove(m.request_total, *self.labels, str(priority))
+        for code in self._errors:
+            _remove(m.request_error_total, *self.labels, code)
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # already gone
+        pass
+
 
 class ModelSeriesCache:
-    """``ModelSeries`` by (model, target). Bounded: model names come from clients, so an
-    unbounded map would let a client grow the picker's memory (and Prometheus' cardinality)."""
+    """``ModelSeries`` by (model, target).
+
+    Bounded twice: request control folds model names the pool does not serve into one label
+    value (``epp.requestcontrol.modellabels``), and past ``max_entries`` the cache is cleared,
+    children and all. A request still running keeps its (now detached) children, so the
+    exported running gauge can undercount briefly but never goes below zero.
+    """
 
     def __init__(self, metrics: EppMetrics, max_entries: int = 1024) -> None:
         self.metrics = metrics
@@ -242,6 +271,19 @@ class ModelSeriesCache:
         s = self._series.get(key)
         if s is None:
             if len(self._series) >= self.max_entries:
-                self._series.clear()  # rare: rebuild lazily rather than track recency on the hot path
+                self.clear()  # rare: rebuild lazily rather than track recency on the hot path
             s = self._series[key] = ModelSeries(self.metrics, model, target)
         return s
+
+    def clear(self) -> None:
+        """Forget every series and remove its children from the registry."""
+        models = set()
+        for s in self._series.values():
+            s.remove()
+            models.add(s.labels[0])
+        for model in models:
+            _remove(self.metrics.running_requests, model)
+        self._series.clear()
+
+    def __len__(self) -> int:
+        return len(self._series)

@@ -65,6 +65,12 @@ def bad_request(message: str) -> RequestError:
     return RequestError(BAD_REQUEST, message)
 
 
+def too_large(message: str) -> RequestError:
+    """413: the request body is over ``--max-request-body-bytes`` (a client error, so the
+    GIE code stays BadRequest; the status tells clients that retrying as-is cannot work)."""
+    return RequestError(BAD_REQUEST, message, status=413)
+
+
 def shed(message: str) -> RequestError:
     return RequestError(RESOURCE_EXHAUSTED, message)
 

@@ -12,9 +12,22 @@ announces in ``protocol_config`` on the first message (envoy_extproc.md §3):
   ``content-length`` when the body changed).
 * NONE / STREAMED request body, or a request with no body: route on the headers alone.
 
-Every request-path failure is a ``RequestError`` → ImmediateResponse (JSON body). Chunks that
-arrive after an ImmediateResponse are ignored. The in-flight count is released when the
-response ends or, whatever happened, when the stream closes.
+Trailers end a body in every mode: request trailers after DATA route the request with the
+body received so far (FULL_DUPLEX: body chunks without ``end_of_stream``, then the trailers
+answer; BUFFERED: the one body message is the whole body whatever its ``end_of_stream``);
+response trailers flush a buffered JSON body and a partial last SSE line.
+
+One stream carries exactly one request, in order: request headers → request body →
+request trailers → response headers → response body → response trailers (each optional as
+the modes allow). Anything else (a second ``request_headers``, a body after
+``end_of_stream``, a response before the request was routed, ...) is a ``ProtocolError``:
+the stream ends with gRPC ``INVALID_ARGUMENT`` naming the violation, after releasing what
+the request took. Only Envoy's own local replies (a response before routing) are tolerated.
+
+Every request-path failure is a ``RequestError`` → ImmediateResponse (JSON body), and what
+the request took is released at once. Messages that arrive after an ImmediateResponse are
+ignored (Envoy may have them in flight). Whatever happened, the stream's request is
+completed when the stream closes.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from epp.framework import errors
 from epp.framework.errors import RequestError
 from epp.handlers import messages as msgs
 from epp.requestcontrol.candidates import SUBSET_KEY, SUBSET_NAMESPACE
-from epp.requestcontrol.director import DESTINATION_HEADER, Director, RequestContext
+from epp.requestcontrol.director import DESTINATION_HEADER, Director, RequestContext, RoutingDecision
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,20 @@ _Mode = processing_mode_pb2.ProcessingMode
 FULL_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
 BUFFERED = _Mode.BUFFERED
 NONE = _Mode.NONE
+
+# Where a stream is on the request side and on the response side.
+_IDLE = 0  # nothing yet
+_BODY = 1  # headers seen, body (or trailers) may follow
+_TRAILERS = 2  # body complete, only trailers may follow (BUFFERED without end_of_stream)
+_DONE = 3  # ended
+
+
+class ProtocolError(Exception):
+    """A message the ext_proc protocol does not allow at this point of the stream."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _headers(header_map: Any) -> dict[str, str]:
@@ -100,6 +127,26 @@ def _over_tls(context: grpc.aio.ServicerContext) -> bool:
     return context.auth_context().get("transport_security_type") == [b"ssl"]
 
 
+def _routed(decision: RoutingDecision, mode: int, more: bool) -> list[pb.ProcessingResponse]:
+    """The answers that carry a pick made on the whole body (``more``: trailers follow)."""
+    set_headers = {DESTINATION_HEADER: decision.destination, **decision.set_headers}
+    out_body = decision.body if decision.body is not None else b""
+    if decision.body_mutated:
+        set_headers["content-length"] = str(len(out_body))
+    if mode == BUFFERED:
+        return [
+            msgs.routed_buffered_body_response(
+                decision.destination,
+                set_headers,
+                bytes(out_body) if decision.body_mutated else None,
+                decision.remove_headers,
+            )
+        ]
+    out = [msgs.routed_headers_response(decision.destination, set_headers, decision.remove_headers)]
+    out.extend(msgs.streamed_body_responses(out_body, request=True, end_of_stream=not more))
+    return out
+
+
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor`` backed by a Director.
 
@@ -112,6 +159,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.director = director
         self.require_tls = require_tls
 
+    def _violation(self, exc: ProtocolError) -> None:
+        m = self.director.metrics
+        if m is not None:
+            m.extproc_protocol_errors.labels(exc.kind).inc()
+        log.debug("ext_proc protocol violation: %s", exc)
+
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
@@ -123,6 +176,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         resp_mode = FULL_DUPLEX
         body = bytearray()
         answered = False  # an ImmediateResponse ended the request
+        routed = False  # the pick went out: a response may come
+        req = _IDLE
+        resp = _IDLE
         sse = False
         processing = False  # False while awaiting the next message: errors there are the stream's
         messages = request_iterator.__aiter__()
@@ -137,111 +193,164 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     continue
                 processing = True
                 kind = msg.WhichOneof("request")
-                if kind == "request_headers":
+                if kind == "response_body":
+                    if resp != _BODY or ctx is None:
+                        raise ProtocolError(kind, "response body outside an open response")
+                    rbody = msg.response_body
+                    eos = rbody.end_of_stream
+                    rw = ctx.rewriter
+                    assert rw is not None  # set by director.response_headers
+                    if resp_mode == FULL_DUPLEX:
+                        if sse:
+                            yield msgs.streamed_response_body(rw.sse_chunk(rbody.body, eos), eos)
+                        else:
+                            rw.json_chunk(rbody.body)
+                            if eos:
+                                for out in msgs.streamed_body_responses(rw.json_finish(), request=False):
+                                    yield out
+                    elif resp_mode == BUFFERED:
+                        # The one body message is the whole body; without end_of_stream,
+                        # trailers follow. Replace it only when it changed.
+                        original = rbody.body
+                        if sse:
+                            new = rw.sse_chunk(original, True)
+                        else:
+                            rw.json_chunk(original)
+                            new = rw.json_finish()
+                        yield msgs.buffered_response_body(new if new != original else None)
+                        if not eos:
+                            resp = _TRAILERS
+                    elif resp_mode == NONE:
+                        raise ProtocolError(kind, "response body while the response body mode is NONE")
+                    else:
+                        yield msgs.EMPTY_RESPONSE_BODY
+                    if eos:
+                        resp = _DONE
+                        director.complete(ctx)
+                elif kind == "request_body":
+                    if req != _BODY or ctx is None:
+                        raise ProtocolError(
+                            kind, "request body before request headers" if req == _IDLE
+                            else "request body after the request body ended"
+                        )
+                    rb = msg.request_body
+                    if req_mode == FULL_DUPLEX or req_mode == BUFFERED:
+                        body += rb.body
+                        if len(body) > director.max_body_bytes:
+                            answered = True
+                            director.complete(ctx)
+                            yield _error_response(
+                                errors.too_large(f"request body exceeds the limit of {director.max_body_bytes} bytes")
+                            )
+                            continue
+                        if req_mode == FULL_DUPLEX and not rb.end_of_stream:
+                            continue
+                        # FULL_DUPLEX end of body, or BUFFERED's one body message (whole body;
+                        # without end_of_stream, trailers follow).
+                        req = _DONE if rb.end_of_stream else _TRAILERS
+                        try:
+                            decision = await director.route(ctx, body)
+                        except RequestError as exc:
+                            answered = True
+                            director.complete(ctx)
+                            yield _error_response(exc)
+                            continue
+                        routed = True
+                        body = bytearray()
+                        for out in _routed(decision, req_mode, False):
+                            yield out
+                    elif req_mode == NONE:
+                        raise ProtocolError(kind, "request body while the request body mode is NONE")
+                    else:  # STREAMED / BUFFERED_PARTIAL: routed on the headers, pass chunks on
+                        yield msgs.EMPTY_REQUEST_BODY
+                        if rb.end_of_stream:
+                            req = _DONE
+                elif kind == "request_headers":
+                    if req != _IDLE:
+                        raise ProtocolError(kind, "a second request_headers on one stream (one request per stream)")
                     if msg.HasField("protocol_config"):
                         req_mode = msg.protocol_config.request_body_mode
                         resp_mode = msg.protocol_config.response_body_mode
                     ctx = director.new_context(_headers(msg.request_headers.headers), _subset_hint(msg))
-                    if msg.request_headers.end_of_stream or req_mode not in (FULL_DUPLEX, BUFFERED):
+                    eos = msg.request_headers.end_of_stream
+                    req = _DONE if eos else _BODY
+                    if eos or (req_mode != FULL_DUPLEX and req_mode != BUFFERED):
                         try:
                             decision = director.route_headers_only(ctx)
                         except RequestError as exc:
                             answered = True
+                            director.complete(ctx)
                             yield _error_response(exc)
                             continue
+                        routed = True
                         yield msgs.routed_headers_response(
                             decision.destination, {DESTINATION_HEADER: decision.destination}
                         )
                     elif req_mode == BUFFERED:
                         yield msgs.EMPTY_REQUEST_HEADERS
-                elif kind == "request_body":
-                    if ctx is None:
-                        raise RequestError(errors.BAD_REQUEST, "request body before headers")
-                    rb = msg.request_body
-                    if req_mode not in (FULL_DUPLEX, BUFFERED):
-                        if req_mode == _Mode.STREAMED:
-                            yield msgs.EMPTY_REQUEST_BODY
-                        continue
-                    body += rb.body
-                    if len(body) > director.max_body_bytes:
-                        answered = True
-                        yield _error_response(
-                            errors.bad_request(
-                                f"request body exceeds the limit of {director.max_body_bytes} bytes"
-                            )
-                        )
-                        continue
-                    if not rb.end_of_stream:
-                        continue
-                    try:
-                        decision = await director.route(ctx, body)
-                    except RequestError as exc:
-                        answered = True
-                        yield _error_response(exc)
-                        continue
-                    set_headers = {DESTINATION_HEADER: decision.destination, **decision.set_headers}
-                    out_body = decision.body if decision.body is not None else b""
-                    if decision.body_mutated:
-                        set_headers["content-length"] = str(len(out_body))
-                    if req_mode == BUFFERED:
-                        yield msgs.routed_buffered_body_response(
-                            decision.destination,
-                            set_headers,
-                            bytes(out_body) if decision.body_mutated else None,
-                            decision.remove_headers,
-                        )
-                    else:
-                        yield msgs.routed_headers_response(decision.destination, set_headers, decision.remove_headers)
-                        for out in msgs.streamed_body_responses(out_body, request=True):
-                            yield out
-                    body = bytearray()
                 elif kind == "request_trailers":
+                    if (req != _BODY and req != _TRAILERS) or ctx is None:
+                        raise ProtocolError(kind, "request trailers outside an open request")
+                    if req == _BODY and req_mode == FULL_DUPLEX:
+                        # Trailers end the body: route on what came, forward it, then answer
+                        # the trailers (Envoy continues the stream with them).
+                        req = _DONE
+                        try:
+                            decision = await director.route(ctx, body)
+                        except RequestError as exc:
+                            answered = True
+                            director.complete(ctx)
+                            yield _error_response(exc)
+                            continue
+                        routed = True
+                        body = bytearray()
+                        for out in _routed(decision, req_mode, True):
+                            yield out
+                    elif req == _BODY and req_mode == BUFFERED:
+                        # No body message came: the pick could only ride on a body answer.
+                        answered = True
+                        director.complete(ctx)
+                        yield _error_response(errors.bad_request("request has trailers but no body"))
+                        continue
+                    req = _DONE
                     yield msgs.EMPTY_REQUEST_TRAILERS
                 elif kind == "response_headers":
-                    if ctx is None:
-                        yield msgs.EMPTY_RESPONSE_HEADERS
-                        continue
+                    if resp != _IDLE or ctx is None:
+                        raise ProtocolError(kind, "response headers before request headers" if ctx is None
+                                            else "a second response_headers on one stream")
+                    if not routed:
+                        req = _DONE  # Envoy's own local reply: the request goes no further
                     rh = msg.response_headers
-                    hdrs = _response_headers(rh.headers)
-                    director.response_headers(ctx, hdrs, _served(msg))
+                    director.response_headers(ctx, _response_headers(rh.headers), _served(msg))
                     sse = ctx.response.streaming
                     yield msgs.EMPTY_RESPONSE_HEADERS
                     if rh.end_of_stream:
+                        resp = _DONE
                         director.complete(ctx)
-                elif kind == "response_body":
-                    rbody = msg.response_body
-                    if ctx is None or ctx.rewriter is None:
-                        yield (
-                            msgs.streamed_response_body(rbody.body, rbody.end_of_stream)
-                            if resp_mode == FULL_DUPLEX
-                            else msgs.EMPTY_RESPONSE_BODY
-                        )
-                        continue
-                    rw = ctx.rewriter
-                    if resp_mode == FULL_DUPLEX:
-                        if sse:
-                            yield msgs.streamed_response_body(
-                                rw.sse_chunk(rbody.body, rbody.end_of_stream), rbody.end_of_stream
-                            )
-                        else:
-                            rw.json_chunk(rbody.body)
-                            if rbody.end_of_stream:
-                                for out in msgs.streamed_body_responses(rw.json_finish(), request=False):
-                                    yield out
-                    elif resp_mode == BUFFERED:
-                        rw.json_chunk(rbody.body)
-                        if rbody.end_of_stream:
-                            original = bytes(rbody.body)
-                            new = rw.json_finish()
-                            yield msgs.buffered_response_body(new if new != original else None)
                     else:
-                        yield msgs.EMPTY_RESPONSE_BODY
-                    if rbody.end_of_stream:
-                        director.complete(ctx)
+                        resp = _BODY
                 elif kind == "response_trailers":
+                    if (resp != _BODY and resp != _TRAILERS) or ctx is None:
+                        raise ProtocolError(kind, "response trailers outside an open response")
+                    if resp == _BODY and resp_mode == FULL_DUPLEX:
+                        # Trailers end the body: flush what the picker held back.
+                        rw = ctx.rewriter
+                        assert rw is not None
+                        tail = rw.sse_flush() if sse else rw.json_finish()
+                        for out in msgs.streamed_body_responses(tail, request=False, end_of_stream=False):
+                            yield out
+                    resp = _DONE
                     yield msgs.EMPTY_RESPONSE_TRAILERS
-                    if ctx is not None:
-                        director.complete(ctx)
+                    director.complete(ctx)
+                else:
+                    raise ProtocolError("none", "a ProcessingRequest without a request/response message")
+        except ProtocolError as exc:
+            if ctx is not None:
+                director.complete(ctx)
+            self._violation(exc)
+            if context is None:  # called directly (tests): the caller sees the error
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ext_proc protocol violation: {exc}")
         except RequestError as exc:
             yield _error_response(exc)
         except Exception:

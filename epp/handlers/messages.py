@@ -75,15 +75,23 @@ def routed_buffered_body_response(
     )
 
 
-def streamed_body_responses(body: bytes | bytearray | memoryview, *, request: bool) -> Iterator[pb.ProcessingResponse]:
+def streamed_body_responses(
+    body: bytes | bytearray | memoryview, *, request: bool, end_of_stream: bool = True
+) -> Iterator[pb.ProcessingResponse]:
     """FULL_DUPLEX_STREAMED: the body as ``StreamedBodyResponse`` chunks (≤ 62,000 bytes),
-    ``end_of_stream`` on the last. An empty body is one empty end-of-stream chunk."""
+    ``end_of_stream`` on the last. An empty body is one empty end-of-stream chunk.
+
+    ``end_of_stream=False`` when trailers follow (they end the stream, and Envoy expects the
+    trailers answer after body chunks that did not end it); an empty body is then no chunk.
+    """
     view = memoryview(body)
     n = len(view)
+    if n == 0 and not end_of_stream:
+        return
     start = 0
     while True:
         end = min(start + BODY_CHUNK_LIMIT, n)
-        chunk = pb.StreamedBodyResponse(body=bytes(view[start:end]), end_of_stream=end >= n)
+        chunk = pb.StreamedBodyResponse(body=bytes(view[start:end]), end_of_stream=end_of_stream and end >= n)
         common = pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=chunk))
         if request:
             yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))

@@ -6,6 +6,11 @@ flow control which may wait) → schedule → pre-request hooks → body re-seri
 changed. The response side restores the client's model name, reads ``usage``, and on the
 end of the response (or a stream reset) releases the picker-side in-flight count.
 
+``complete`` releases exactly what the request took and nothing else: the context records
+each acquisition (admission, endpoint in-flight, running gauge) as it happens, so a request
+rejected before admission (400, 429, 503) or one whose stream breaks half-way never gives
+back what it did not take (no negative gauges, no freed slots it never held).
+
 The handler (``epp.handlers``) owns the protocol; this module never sees a protobuf.
 """
 
@@ -30,9 +35,11 @@ from epp.framework.scheduling import LLMRequest, SchedulingError, SchedulingResu
 from epp.metrics import EppMetrics, ModelSeries, ModelSeriesCache
 from epp.plugins.requestcontrol.openai_parser import OpenAIParser
 from epp.requestcontrol.candidates import subset_candidates
+from epp.requestcontrol.modellabels import OTHER, ModelLabels
 from epp.requestcontrol.objectives import resolve_priority
 from epp.requestcontrol.response import BodyRewriter
 from epp.requestcontrol.rewrite import resolve_target_model
+from epp.requestcontrol.splice import replace_model
 
 # Request headers GIE defines (inputs the gateway or client sets).
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
@@ -78,6 +85,8 @@ class RequestContext:
     rewriter: BodyRewriter | None = None
     completed: bool = False
     series: ModelSeries | None = None  # metric children for this request's (model, target)
+    admitted: bool = False  # admission.admit returned: admission.release is owed
+    running: bool = False  # counted in the running-requests gauge
 
 
 def estimate_prompt_tokens(prefix_text_len: int) -> int:
@@ -103,10 +112,12 @@ class Director:
     rng: random.Random = field(default_factory=random.Random)
     _series: ModelSeriesCache | None = None
     _served: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    _labels: ModelLabels | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
             self._series = ModelSeriesCache(self.metrics)
+        self._labels = ModelLabels(self.datastore)
 
     # ---------------------------------------------------------------- request
     def new_context(self, headers: dict[str, str], subset_hint: Any = None) -> RequestContext:
@@ -184,14 +195,20 @@ class Director:
             cache_salt=parsed.cache_salt,
         )
         ctx.request = req
-        series = ctx.series = self._series.get(parsed.model, target) if self._series is not None else None
-        if series is not None:
+        series = None
+        if self._series is not None:
+            labels = self._labels
+            assert labels is not None
+            model_label = labels.label(parsed.model)
+            target_label = model_label if target == parsed.model else labels.label(target)
+            series = ctx.series = self._series.get(model_label, target_label)
             series.requests(priority).inc()
             series.request_sizes.observe(len(raw))
-        if metrics is not None and rule is not None:
-            metrics.model_rewrite_decisions.labels(rule.source, parsed.model, target).inc()
+            if metrics is not None and rule is not None:
+                metrics.model_rewrite_decisions.labels(rule.source, model_label, target_label).inc()
         try:
             candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
+            ctx.admitted = True
             try:
                 result = self.scheduler.schedule(req, candidates)
             except SchedulingError as exc:
@@ -212,11 +229,12 @@ class Director:
         ctx.destination = primary.key if len(targets) == 1 else ",".join(e.key for e in targets)
         if series is not None:
             series.running.inc()
+            ctx.running = True
         ctx.rewriter = BodyRewriter(ctx.response, target, parsed.model)
         if target != parsed.model:
-            parsed.body["model"] = target
             return RoutingDecision(
-                ctx.destination, orjson.dumps(parsed.body), True, result.headers, tuple(result.remove_headers)
+                ctx.destination, _rewritten(parsed.body, raw, target), True, result.headers,
+                tuple(result.remove_headers),
             )
         return RoutingDecision(ctx.destination, raw, False, result.headers, tuple(result.remove_headers))
 
@@ -237,15 +255,30 @@ class Director:
                 key = (served, ctx.destination.split(",", 1)[0] == served)
                 child = self._served.get(key)
                 if child is None:
-                    if len(self._served) > 4096:  # endpoints churn in Kubernetes; keep it bounded
-                        self._served.clear()
-                    child = self._served[key] = m.served_endpoint_total.labels(served, "true" if key[1] else "false")
+                    child = self._served_child(m, key)
                 child.inc()
             if (info.status >= 400 or info.status == 0) and ctx.series is not None:
                 ctx.series.errors(errors.MODEL_SERVER_ERROR).inc()
 
+    def _served_child(self, m: EppMetrics, key: tuple[str, bool]) -> Any:
+        """The served-endpoint counter child; an address outside the pool (metadata is
+        whatever the ext_proc peer sent) is counted as ``other``, so the label stays bounded."""
+        if len(self._served) > 4096:  # endpoints churn in Kubernetes; keep it bounded
+            for endpoint, matched in self._served:
+                try:
+                    m.served_endpoint_total.remove(endpoint, "true" if matched else "false")
+                except KeyError:
+                    pass
+            self._served.clear()
+        endpoint = key[0] if self.datastore.get(key[0]) is not None else OTHER
+        child = m.served_endpoint_total.labels(endpoint, "true" if key[1] else "false")
+        if endpoint == key[0]:
+            self._served[key] = child
+        return child
+
     def complete(self, ctx: RequestContext) -> None:
-        """Response finished, or the stream ended early (client gone, upstream reset)."""
+        """Response finished, the request was rejected, or the stream ended early (client
+        gone, upstream reset, protocol violation). Idempotent; releases only what was taken."""
         if ctx.completed:
             return
         ctx.completed = True
@@ -257,9 +290,12 @@ class Director:
         info = ctx.response
         if req is None:
             return
-        self.admission.release(req, info)
+        if ctx.admitted:
+            self.admission.release(req, info)
         s = ctx.series
-        if s is not None:
+        if 200 <= info.status < 300 and ep is not None and self._labels is not None:
+            self._labels.observe_served(req.target_model)
+        if s is not None and ctx.running:
             s.running.dec()
             elapsed = time.monotonic() - ctx.received_at
             s.duration.observe(elapsed)
@@ -272,5 +308,19 @@ class Director:
                 s.tpot.observe(elapsed / info.completion_tokens)
             if info.cached_tokens is not None:
                 s.cached_tokens.observe(info.cached_tokens)
-        for plugin in self.response_complete:
-            plugin.response_complete(req, info, ep)
+        if ep is not None:
+            for plugin in self.response_complete:
+                plugin.response_complete(req, info, ep)
+
+
+def _rewritten(body: dict[str, Any], raw: bytes | bytearray, target: str) -> bytes:
+    """The body with ``model`` = ``target``: re-encoded (fast), or, when orjson cannot encode
+    it (nested deeper than 254), the client's bytes with only the model value spliced in."""
+    try:
+        body["model"] = target
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        spliced = replace_model(raw, target)
+        if spliced is None:
+            raise errors.bad_request("cannot rewrite the model of this request body") from None
+        return spliced

@@ -76,6 +76,16 @@ class BodyRewriter:
             self._scan_usage(chunk)
         return self._restore(chunk) if self._patterns else chunk
 
+    def sse_flush(self) -> bytes:
+        """The carried partial last line, when the body ended without a final newline and
+        trailers closed the stream: pass it on (restored, usage read) rather than drop it."""
+        data, self._carry = self._carry, b""
+        if not data:
+            return b""
+        if b'"usage"' in data:
+            self._scan_usage(data)
+        return self._restore(data) if self._patterns else data
+
     def _scan_usage(self, data: bytes) -> None:
         for line in data.split(b"\n"):
             if line.startswith(b"data:") and b'"usage"' in line:

@@ -50,6 +50,14 @@ def _prefix_text(api: str, body: dict[str, Any], raw: bytes | bytearray | memory
     return bytes(raw)
 
 
+def _safe_prefix_text(api: str, body: dict[str, Any], raw: bytes | bytearray | memoryview) -> bytes:
+    """orjson encodes 254 levels but parses 1024: a deeper prompt hashes its raw bytes."""
+    try:
+        return _prefix_text(api, body, raw)
+    except orjson.JSONEncodeError:
+        return bytes(raw)
+
+
 def parse_body(raw: bytes | bytearray | memoryview, path: str) -> ParsedBody:
     """Decode the JSON body; 400 when it is not a JSON object with a string ``model``."""
     try:
@@ -74,7 +82,7 @@ def parse_body(raw: bytes | bytearray | memoryview, path: str) -> ParsedBody:
         api=api,
         stream=body.get("stream") is True,
         max_tokens=max_tokens,
-        prefix_text=_prefix_text(api, body, raw),
+        prefix_text=_safe_prefix_text(api, body, raw),
         cache_salt=salt if isinstance(salt, str) else None,
     )
 

@@ -153,7 +153,7 @@ async def test_bad_body_gets_json_immediate_response_and_late_chunks_are_ignored
 
 async def test_oversized_body_is_rejected() -> None:
     out = await _run(_director(max_body_bytes=100), [_hdrs(POST), _body(b"x" * 80, False), _body(b"x" * 80, False)])
-    assert out[0].immediate_response.status.code == 400
+    assert out[0].immediate_response.status.code == 413
     assert b"exceeds the limit" in out[0].immediate_response.body
 
 
