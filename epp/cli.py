@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "envoy-config": ("epp.envoy.cli", "print an Envoy bootstrap config for a picker and pool"),
     "bench": ("benchmarks.cli", "benchmark routers side by side on simulated pods"),
     "pd-sidecar": ("epp.pd.cli", "decode-side P/D sidecar (runs next to vLLM)"),
+    "usage": ("epp.usage.cli", "per-tenant usage report (tokens, requests, queueing) over a period"),
 }
 
 
