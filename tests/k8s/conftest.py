@@ -8,14 +8,13 @@ or by importing FakeKube directly.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from tests.k8s.fakeapi import FakeKube
+from tests.waiting import eventually  # noqa: F401  (the k8s tests import it from here)
 
 
 @pytest.fixture
@@ -25,17 +24,6 @@ def fake_k8s() -> Iterator[FakeKube]:
         yield kube
     finally:
         kube.stop()
-
-
-async def eventually(pred: Callable[[], Any], timeout: float = 5.0, what: str = "") -> None:  # noqa: ASYNC109
-    """Poll ``pred`` until truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

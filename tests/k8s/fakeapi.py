@@ -119,6 +119,8 @@ class FakeKube:
         self._uid = itertools.count(1)
         self._generation = 0  # bumps on restart: open watches end
         self.requests: list[str] = []  # "GET /path?query", for assertions
+        self.request_times: list[float] = []  # time.monotonic() of each entry of ``requests``
+        self._open_watches: dict[str, int] = {}  # plural -> watches streaming right now
         self.port = 0
 
     # ---- lifecycle ----
@@ -243,6 +245,18 @@ class FakeKube:
     def watch_count(self) -> int:
         with self._cond:
             return sum(1 for r in self.requests if "watch=" in r)
+
+    def open_watches(self, plural: str) -> int:
+        """Watches of ``plural`` (e.g. "pods") streaming right now: 0 means no client can be
+        told about a change to those objects, which tests use instead of sleeping."""
+        with self._cond:
+            return self._open_watches.get(plural, 0)
+
+    def requests_since(self, t: float, path_contains: str = "") -> list[tuple[float, str]]:
+        """(monotonic time, "METHOD /path?query") of the requests received since ``t``."""
+        with self._cond:
+            return [(at, r) for at, r in zip(self.request_times, self.requests, strict=True)
+                    if at >= t and path_contains in r]
 
     # ---- objects ----
     def _key(self, obj: dict[str, Any]) -> tuple[ResKey, str, str]:
@@ -498,6 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         with fake._cond:
             fake.requests.append(f"{method} {self.path}")
+            fake.request_times.append(time.monotonic())
         failure = fake._take_failure(url.path)
         if failure is not None:
             self._send_json(failure, _status(failure, "injected failure"))
@@ -561,12 +576,17 @@ class _Handler(BaseHTTPRequestHandler):
         fields = _parse_selector(q.get("fieldSelector"))
         if q.get("watch") in ("1", "true", "True"):
             rv_s = q.get("resourceVersion")
+            with fake._cond:
+                fake._open_watches[plural] = fake._open_watches.get(plural, 0) + 1
             try:
                 fake._watch(self, (group, plural), ns, labels, fields, int(rv_s) if rv_s else None,
                             q.get("allowWatchBookmarks") in ("true", "True", "1"),
                             float(q.get("timeoutSeconds") or 30))
             except OSError:
                 pass
+            finally:
+                with fake._cond:
+                    fake._open_watches[plural] -= 1
             self.close_connection = True
             return
         self._send_json(200, fake._list((group, plural), ns, labels, fields))

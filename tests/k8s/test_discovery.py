@@ -1,9 +1,14 @@
 """Kubernetes discovery driven through the real ``kubernetes`` client against the fake API
-server: the endpoint set, readiness and the model semantics a user would observe."""
+server: the endpoint set, readiness and the model semantics a user would observe.
+
+Every wait is for an observable condition (``tests.waiting.eventually``, bounded by a generous
+deadline); how fast discovery stops is measured in ``benchmarks/k8s_failover.py``."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 from typing import Any
 
@@ -11,7 +16,6 @@ import pytest
 
 from epp.datalayer.datastore import Datastore, Objective, RewriteRule, RewriteTarget
 from epp.discovery.kubernetes import LEGACY_POOL_GROUP, KubernetesDiscovery
-from tests.k8s.conftest import eventually
 from tests.k8s.fakeapi import (
     FakeKube,
     inference_model,
@@ -20,6 +24,7 @@ from tests.k8s.fakeapi import (
     pool,
     rewrite,
 )
+from tests.waiting import eventually
 
 APP = {"app": "vllm"}
 
@@ -131,8 +136,11 @@ async def test_pool_changes_relist_pods(fake_k8s: FakeKube, discoveries: list[An
     kube.add(pod("n2", "10.0.1.2", {"app": "new"}))
     await eventually(lambda: "10.0.1.2:9000" in keys(ds), what="pod of the new selector")
     kube.set_pod_ready("a", False)  # old-selector pod: no longer our business
-    await asyncio.sleep(0.1)
-    assert keys(ds) == {"10.0.1.1:9000", "10.0.1.1:9001", "10.0.1.2:9000", "10.0.1.2:9001"}
+    # n3 is written after a's change: once the (ordered) pod stream has delivered n3, it would
+    # have delivered a's change too, had discovery still been following the old selector
+    kube.add(pod("n3", "10.0.1.3", {"app": "new"}))
+    await eventually(lambda: "10.0.1.3:9000" in keys(ds), what="pod added after a's change")
+    assert keys(ds) == {f"10.0.1.{i}:{p}" for i in (1, 2, 3) for p in (9000, 9001)}
 
 
 async def test_pool_deleted_and_recreated(fake_k8s: FakeKube, discoveries: list[Any]) -> None:
@@ -145,8 +153,9 @@ async def test_pool_deleted_and_recreated(fake_k8s: FakeKube, discoveries: list[
 
     kube.delete("InferencePool", "pool")
     await eventually(lambda: not ds.synced and keys(ds) == set(), what="cleared on pool deletion")
+    # without a pool there is no selector, so discovery stops following pods altogether
+    await eventually(lambda: kube.open_watches("pods") == 0, what="pod watch closed")
     kube.add(pod("b", "10.0.0.2", APP))  # while there is no pool: nothing to route to
-    await asyncio.sleep(0.1)
     assert keys(ds) == set()
 
     kube.add(pool("pool", APP, [8000]))
@@ -154,14 +163,17 @@ async def test_pool_deleted_and_recreated(fake_k8s: FakeKube, discoveries: list[
                      what="pool re-created")
 
 
-async def test_ready_only_after_pool_exists(fake_k8s: FakeKube, discoveries: list[Any]) -> None:
+async def test_ready_only_after_pool_exists(fake_k8s: FakeKube, discoveries: list[Any],
+                                           caplog: pytest.LogCaptureFixture) -> None:
     kube = fake_k8s
     kube.add(pod("a", "10.0.0.1", APP))
+    caplog.set_level(logging.WARNING, logger="epp.discovery.kubernetes")
     d = make(kube)
     discoveries.append(d)
     ds = Datastore()
     task = asyncio.create_task(d.start(ds))
-    await asyncio.sleep(0.3)
+    # discovery has listed the pools and found none: it says so, and stays not ready
+    await eventually(lambda: "not found; not ready until it exists" in caplog.text, what="pool-absent warning")
     assert not task.done() and not ds.synced and keys(ds) == set()
     kube.add(pool("pool", APP, [8000]))
     await asyncio.wait_for(task, 5)
@@ -339,13 +351,17 @@ async def test_5xx_backoff_then_recovery(fake_k8s: FakeKube, discoveries: list[A
     ds = await start(d, discoveries)
     kube.fail_next(4, 500, path_contains="/pods")
     t0 = time.monotonic()
-    await eventually(lambda: d.stale, timeout=5, what="watch failing")
+    await eventually(lambda: d.stale, what="watch failing")
     kube.add(pod("b", "10.0.0.2", APP))
     assert keys(ds) >= {"10.0.0.1:8000"}  # kept while failing
     await eventually(lambda: keys(ds) == {"10.0.0.1:8000", "10.0.0.2:8000"} and not d.stale,
-                     timeout=10, what="recovered")
-    # four failures with a jittered backoff starting at 0.1-0.2 s: not a hot loop
-    assert time.monotonic() - t0 > 0.3
+                     what="recovered")
+    # Not a hot loop: as the API server saw them, the four failed requests and the one that
+    # succeeded are each at least the backoff's floor apart (base 0.2 s, jittered to [0.1, 0.2]
+    # s, then doubling up to backoff_max 0.3 s). Slowness can only widen these gaps.
+    times = [at for at, _ in kube.requests_since(t0, "/pods")][:5]
+    assert len(times) == 5
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.09  # 0.1, less clock rounding
 
 
 async def test_stop_is_bounded(fake_k8s: FakeKube) -> None:
@@ -353,10 +369,10 @@ async def test_stop_is_bounded(fake_k8s: FakeKube) -> None:
     kube.add(pool("pool", APP, [8000]))
     d = make(kube, watch_timeout=300)
     await asyncio.wait_for(d.start(Datastore()), 5)
-    t0 = time.monotonic()
-    await d.stop()
-    await d.stop()  # idempotent
-    assert time.monotonic() - t0 < 3
+    # a watch may stream for 300 s: stop() must close it, not wait for it (a thread still alive
+    # after stop() means its 5 s join gave up). How long stop() takes: benchmarks/k8s_failover.py
+    await asyncio.wait_for(d.stop(), 30)
+    await asyncio.wait_for(d.stop(), 30)  # idempotent
     assert all(not w._thread.is_alive() for w in d._watchers.values())
 
 
