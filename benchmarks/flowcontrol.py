@@ -1,6 +1,7 @@
-"""Flow-control benchmark: multi-tenant fairness near saturation, and scale from zero.
+"""Flow-control benchmark: multi-tenant fairness near saturation, scale from zero, KEDA push.
 
 Run: ``.venv/bin/python -m benchmarks.flowcontrol [--duration 20] [--out benchmarks/out/flowcontrol.json]``
+(``--only fairness|scale-from-zero|keda-push`` runs one part.)
 
 1. Fairness: one noisy tenant at 5x the rate of three quiet ones, open loop (Poisson), on
    simulated pods driven past their batch size. Quiet tenants' TTFT p50/p90 with
@@ -9,8 +10,12 @@ Run: ``.venv/bin/python -m benchmarks.flowcontrol [--duration 20] [--out benchma
 2. Scale from zero: the pool file starts with ``endpoints: []``; requests arrive, the pool
    gets an endpoint after ``--cold-start`` seconds (a stand-in for a pod becoming Ready);
    time from the first request to its first token, and requests lost.
+3. KEDA push latency: in process, a real grpc.aio ``StreamIsActive`` client on 127.0.0.1; a
+   request arrives at an empty pool and is held; time until the client reads ``active``
+   (and, after the request completes, ``inactive``). For the flow controller (gate on) and
+   for legacy holding (gate off), ``--keda-rounds`` times each.
 
-Standalone on purpose (uses ``epp.local.topology`` only).
+Standalone on purpose (uses ``epp.local.topology`` and the flow-control modules only).
 """
 
 from __future__ import annotations
@@ -25,10 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import orjson
 import yaml
 
+from epp.datalayer.datastore import Datastore
 from epp.envoy.bootstrap import EnvoySpec
+from epp.flowcontrol import keda_proto
+from epp.flowcontrol.config import parse_flow_control
+from epp.flowcontrol.controller import FlowController
+from epp.flowcontrol.hold import HoldingAdmission
+from epp.flowcontrol.keda import KedaScaler, start_scaler_server
+from epp.framework.datalayer import Endpoint
+from epp.framework.requestcontrol import Admission, Demand, ResponseInfo
+from epp.framework.scheduling import LLMRequest
 from epp.local.topology import HOST, Topology, free_port_block
 
 FC_CONFIG = """
@@ -165,6 +180,69 @@ def scale_from_zero(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+async def _keda_push_rounds(admission: Admission, demand: Demand, ds: Datastore, rounds: int) -> dict[str, Any]:
+    """Hold a request at an empty pool, time the ``active`` push; bring the pool up, complete
+    the request, time the ``inactive`` push (flow control only: legacy demand counts the
+    pool's in-flight requests, which push nothing when they end)."""
+    pb2, pb2_grpc = keda_proto.load()
+    scaler = KedaScaler(demand, lambda: "default", keepalive=3600)  # every push is an event
+    server, port = await start_scaler_server(scaler, HOST, 0)
+    ep = Endpoint("pod", "10.0.0.1", 8000)
+    up: list[float] = []
+    down: list[float] = []
+    try:
+        async with grpc.aio.insecure_channel(f"{HOST}:{port}") as ch:
+            stream = pb2_grpc.ExternalScalerStub(ch).StreamIsActive(pb2.ScaledObjectRef(name="bench"))
+            assert (await stream.read()).result is False
+            for i in range(rounds):
+                req = LLMRequest(request_id=f"r{i}", target_model="m", incoming_model="m")
+                t0 = time.perf_counter()
+                task = asyncio.ensure_future(admission.admit(req, ds.endpoints))  # held: no endpoint
+                assert (await asyncio.wait_for(stream.read(), 30)).result is True
+                up.append(time.perf_counter() - t0)
+                ds.replace_endpoints([ep])
+                await task
+                t0 = time.perf_counter()
+                admission.release(req, ResponseInfo(status=200))
+                assert (await asyncio.wait_for(stream.read(), 30)).result is False
+                if isinstance(admission, FlowController):
+                    down.append(time.perf_counter() - t0)
+                ds.replace_endpoints([])
+            stream.cancel()
+    finally:
+        await server.stop(0)
+    out: dict[str, Any] = {"rounds": rounds}
+    for name, xs in (("active", up), ("inactive", down)):
+        if xs:
+            out[f"{name}_p50_ms"] = round(pct(xs, 0.5) * 1e3, 3)
+            out[f"{name}_p99_ms"] = round(pct(xs, 0.99) * 1e3, 3)
+            out[f"{name}_max_ms"] = round(max(xs) * 1e3, 3)
+    return out
+
+
+def keda_push(args: argparse.Namespace) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        ds = Datastore()
+        ctl = FlowController(parse_flow_control({}), None, ds)
+        await ctl.start()
+        try:
+            res["flow-control"] = await _keda_push_rounds(ctl, ctl, ds, args.keda_rounds)
+        finally:
+            await ctl.stop()
+        ds = Datastore()
+        hold = HoldingAdmission(None, ds, 120.0)
+        res["legacy-holding"] = await _keda_push_rounds(hold, hold, ds, args.keda_rounds)
+        return res
+
+    out = asyncio.run(run())
+    print("keda-push", out, flush=True)
+    return out
+
+
+PARTS = ("fairness", "scale-from-zero", "keda-push")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=20.0)
@@ -176,12 +254,20 @@ def main() -> None:
     p.add_argument("--cold-start", type=float, default=3.0)
     p.add_argument("--cold-requests", type=int, default=40)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--keda-rounds", type=int, default=200)
+    p.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    parts = args.only or PARTS
     with tempfile.TemporaryDirectory(prefix="epp-bench-fc-") as tmp:
         work = Path(tmp)
-        res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "fairness": fairness(args, work), "scale_from_zero": scale_from_zero(args, work)}
+        res: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        if "fairness" in parts:
+            res["fairness"] = fairness(args, work)
+        if "scale-from-zero" in parts:
+            res["scale_from_zero"] = scale_from_zero(args, work)
+        if "keda-push" in parts:
+            res["keda_push"] = keda_push(args)
     print(json.dumps(res, indent=2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -135,8 +135,21 @@ async def test_a_tenant_behind_a_burst_is_interleaved_not_starved(cluster: Clust
         done.append(tenant)
         return status
 
+    def noisy_in_picker() -> tuple[float, float]:
+        """(noisy requests that reached flow control, noisy requests queued now)."""
+        m = scrape(picker["metrics"])
+        queued = sum(v for lbl, v in m.get("inference_extension_flow_control_queue_size", [])
+                     if lbl["fairness_id"] == "noisy")
+        left = sum(v for lbl, v in m.get("inference_extension_flow_control_request_queue_duration_seconds_count", [])
+                   if lbl["fairness_id"] == "noisy")
+        return left + queued, queued
+
     burst = [asyncio.ensure_future(one("noisy", i)) for i in range(20)]
-    await asyncio.sleep(0.3)  # the burst is queued behind the 2 running requests
+    deadline = asyncio.get_running_loop().time() + 30
+    while (seen := await asyncio.to_thread(noisy_in_picker))[0] < 20:  # the whole burst is in
+        assert asyncio.get_running_loop().time() < deadline, seen
+        await asyncio.sleep(0.02)
+    assert seen[1] >= 10, seen  # and most of it still queued behind the 2 running requests
     quiet = [asyncio.ensure_future(one("quiet", i)) for i in range(4)]
     statuses = await asyncio.wait_for(asyncio.gather(*burst, *quiet), 60)
     assert statuses == [200] * 24

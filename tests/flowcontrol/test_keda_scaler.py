@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ pb2, pb2_grpc = keda_proto.load()
 async def test_scaler_reports_demand_and_pushes_activation_at_once() -> None:
     ctl, pool, _ = make(capacity=100, with_endpoint=False)
     await ctl.start()
-    scaler = KedaScaler(ctl, lambda: "default")
+    scaler = KedaScaler(ctl, lambda: "default", keepalive=3600)  # any push below is an event
     server, port = await start_scaler_server(scaler, "127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -33,12 +32,10 @@ async def test_scaler_reports_demand_and_pushes_activation_at_once() -> None:
 
             stream = stub.StreamIsActive(ref)
             assert (await stream.read()).result is False
-            t0 = time.perf_counter()
             for i in range(6):
                 pool.submit(request("tenant", n=i))  # held: the pool is scaled to zero
-            assert (await asyncio.wait_for(stream.read(), 1.0)).result is True
-            latency = time.perf_counter() - t0
-            assert latency < 0.1, latency
+            # pushed by the hold itself (how fast: benchmarks.flowcontrol --only keda-push)
+            assert (await asyncio.wait_for(stream.read(), 5.0)).result is True
             assert (await stub.IsActive(ref)).result is True
             got = await stub.GetMetrics(pb2.GetMetricsRequest(scaledObjectRef=ref, metricName=spec.metricName))
             assert got.metricValues[0].metricValueFloat == 6.0
@@ -53,7 +50,7 @@ async def test_scaler_reports_demand_and_pushes_activation_at_once() -> None:
             assert got.metricValues[0].metricValueFloat == 0.0
 
             await pool.complete(6)
-            assert (await asyncio.wait_for(stream.read(), 1.0)).result is False  # demand gone
+            assert (await asyncio.wait_for(stream.read(), 5.0)).result is False  # demand gone
             stream.cancel()
 
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -1,8 +1,10 @@
 """``edf-ordering-policy``: earliest deadline first within a flow.
 
-A request's deadline is its arrival plus *its own* TTL (the objective's, or the band's
-default), so a request with a tight TTL overtakes older requests with a loose one; requests
-without a TTL go last, in arrival order.
+A request's deadline is its arrival plus *its own* TTL: the ``x-llm-d-inference-ttl`` header
+(llm-d's; capped at ``defaultRequestTTL``), else ``defaultRequestTTL``
+(``epp.flowcontrol.queues.request_ttl``). So a request with a tight TTL overtakes older
+requests with a loose one; requests without a TTL go last, in arrival order. With one TTL for
+every request the order is arrival order, i.e. FCFS.
 """
 
 from __future__ import annotations
