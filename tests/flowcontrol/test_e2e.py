@@ -23,8 +23,9 @@ import yaml
 
 from epp.flowcontrol import keda_proto
 from epp.local.topology import HOST, Topology, free_port_block
-from tests.integration.conftest import Cluster, wait_until
+from tests.integration.conftest import Cluster
 from tests.promtext import scrape
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.envoy]
 
@@ -96,15 +97,15 @@ async def test_scale_from_zero_holds_every_request_and_wakes_keda(cluster: Clust
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
     try:
-        assert wait_until(lambda: pushed == [False], timeout=5)
+        await eventually(lambda: pushed == [False], what="StreamIsActive's first state")
         clients = [asyncio.ensure_future(post(port, f"tenant-{i % 3}", f"cold start {i}")) for i in range(12)]
-        assert await asyncio.to_thread(wait_until, lambda: True in pushed, 10)
+        await eventually(lambda: True in pushed, what=lambda: f"an 'active' push, got {pushed}")
 
         def queued() -> float:
             got = stub.GetMetrics(pb2.GetMetricsRequest(scaledObjectRef=ref))
             return got.metricValues[0].metricValueFloat
 
-        assert await asyncio.to_thread(wait_until, lambda: queued() == 12, 10)
+        await eventually(lambda: asyncio.to_thread(lambda: queued() == 12), what="12 held requests in GetMetrics")
         assert stub.IsActive(ref).result is True
         gauges = scrape(picker["metrics"])["inference_extension_flow_control_queue_size"]
         assert sum(v for _, v in gauges) == 12
@@ -118,7 +119,7 @@ async def test_scale_from_zero_holds_every_request_and_wakes_keda(cluster: Clust
         for lbl, v in m["inference_extension_flow_control_request_queue_duration_seconds_count"]:
             outcomes[lbl["outcome"]] = outcomes.get(lbl["outcome"], 0) + v
         assert outcomes == {"Dispatched": 12}
-        assert await asyncio.to_thread(wait_until, lambda: pushed[-1] is False, 10)
+        await eventually(lambda: pushed[-1] is False, what=lambda: f"an 'inactive' push, got {pushed}")
     finally:
         stream.cancel()
         ch.close()
@@ -145,11 +146,14 @@ async def test_a_tenant_behind_a_burst_is_interleaved_not_starved(cluster: Clust
         return left + queued, queued
 
     burst = [asyncio.ensure_future(one("noisy", i)) for i in range(20)]
-    deadline = asyncio.get_running_loop().time() + 30
-    while (seen := await asyncio.to_thread(noisy_in_picker))[0] < 20:  # the whole burst is in
-        assert asyncio.get_running_loop().time() < deadline, seen
-        await asyncio.sleep(0.02)
-    assert seen[1] >= 10, seen  # and most of it still queued behind the 2 running requests
+    seen: list[tuple[float, float]] = []
+
+    async def burst_arrived() -> bool:
+        seen.append(await asyncio.to_thread(noisy_in_picker))
+        return seen[-1][0] >= 20
+
+    await eventually(burst_arrived, timeout=30, what=lambda: f"the burst in the picker, (arrived, queued) {seen[-1]}")
+    assert seen[-1][1] >= 10, seen[-1]  # most of it still queued behind the 2 running requests
     quiet = [asyncio.ensure_future(one("quiet", i)) for i in range(4)]
     statuses = await asyncio.wait_for(asyncio.gather(*burst, *quiet), 60)
     assert statuses == [200] * 24
