@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from epp.datalayer.metric_mapping import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL, EngineConfigs
 from epp.datalayer.metrics_parser import MetricsParser, ParserSet
-from epp.framework.datalayer import Endpoint, format_hostport
+from epp.framework.datalayer import DataSource, Endpoint, MetricsExtractor
 
 if TYPE_CHECKING:
 
@@ -57,45 +56,40 @@ class _Collector:
 class MetricsScraper:
     """Keeps every endpoint's ``metrics`` fresh.
 
+    ``source``: the configured data source (``dataLayer.sources[0]``, GIE's
+    ``metrics-data-source``): each endpoint's URL and whether https verifies certificates.
+    ``extractor``: its metrics extractor (``core-metrics-extractor``): which engine mapping an
+    endpoint gets by its labels, and the configured ``engineConfigs``. Both are plugin objects
+    typed by the framework's interfaces (the data layer does not import plugins).
     ``interval``: seconds between scrapes of one endpoint (``--refresh-metrics-interval``).
     ``timeout``: per-scrape budget. ``max_backoff``: cap of the failure backoff.
-    ``engine_configs``: ``engineConfigs`` entries (see ``metric_mapping.EngineConfigs``);
-    ``default_engine`` / ``engine_label_key``: which mapping an endpoint gets by its labels.
     """
 
     def __init__(
         self,
         datastore: Datastore,
         *,
+        source: DataSource,
+        extractor: MetricsExtractor,
         interval: float = 0.05,
         timeout: float = 1.0,
-        scheme: str = "http",
-        path: str = "/metrics",
         metrics: EppMetrics | None = None,
-        engine_configs: EngineConfigs | None = None,
-        default_engine: str = DEFAULT_ENGINE_TYPE,
-        engine_label_key: str = ENGINE_TYPE_LABEL,
         max_backoff: float = 1.0,
-        insecure_skip_verify: bool = True,
         max_connections_per_host: int = 2,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
-        if scheme not in ("http", "https"):
-            raise ValueError(f"scheme must be http or https, not {scheme!r}")
         self.datastore = datastore
         self.interval = interval
         self.timeout = timeout
-        self.scheme = scheme
-        self.path = path if path.startswith("/") else "/" + path
+        self.source = source
         self.metrics = metrics
         self.max_backoff = max(max_backoff, interval)
-        self.insecure_skip_verify = insecure_skip_verify
         self.max_connections_per_host = max_connections_per_host
-        self.parsers = ParserSet(engine_configs, default_engine=default_engine,
-                                 engine_label_key=engine_label_key)
+        self.parsers = ParserSet(extractor.engine_overrides(), default_engine=extractor.default_engine,
+                                 engine_label_key=extractor.engine_label_key)
         self._collectors: dict[str, _Collector] = {}
         self._adhoc: dict[str, _Collector] = {}  # scrape_once state for endpoints without a task
         self._session: aiohttp.ClientSession | None = None
@@ -176,9 +170,7 @@ class MetricsScraper:
 
     # ---- collection ----
     def url_for(self, endpoint: Endpoint) -> str:
-        host = endpoint.metrics_host or endpoint.address
-        port = endpoint.metrics_port or endpoint.port
-        return f"{self.scheme}://{format_hostport(host, port)}{self.path}"
+        return self.source.metrics_url(endpoint)
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -186,7 +178,7 @@ class MetricsScraper:
                 limit=0,  # no global cap: one collector per endpoint, bounded per host below
                 limit_per_host=self.max_connections_per_host,
                 keepalive_timeout=30.0,
-                ssl=False if self.insecure_skip_verify else True,
+                ssl=True if self.source.verify_tls else False,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -111,6 +111,7 @@ class PickerServer:
             pre_request=tuple(bundle.pre_request),
             response_complete=tuple(bundle.response_complete),
             admission=self._admission.admission,
+            parser=bundle.parser,
             max_body_bytes=opts.max_request_body_bytes,
             disable_subset_filter=opts.disable_endpoint_subset_filter,
             staleness=opts.metrics_staleness_threshold,
@@ -156,18 +157,14 @@ class PickerServer:
         for plugin in self._plugins.values():
             if isinstance(plugin, Lifecycle):
                 await plugin.start()
-        src = cfg.metrics_source
+        # the configured dataLayer source and extractor decide URL, TLS and metric mappings
         self._scraper = MetricsScraper(
             self.datastore,
+            source=bundle.data_source,
+            extractor=bundle.metrics_extractor,
             interval=opts.refresh_metrics_interval,
             timeout=opts.metrics_scrape_timeout,
-            scheme=src.scheme,
-            path=src.path,
-            insecure_skip_verify=src.insecure_skip_verify,
             metrics=self.metrics,
-            engine_configs=cfg.metrics_extractor.engine_overrides(),
-            default_engine=cfg.metrics_extractor.default_engine,
-            engine_label_key=cfg.metrics_extractor.engine_label_key,
         )
         await self._scraper.start()
         self._pool_metrics = PoolMetricsRefresher(

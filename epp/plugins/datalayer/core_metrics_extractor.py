@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from epp.datalayer.metric_mapping import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL
+from epp.datalayer.metric_mapping import DEFAULT_ENGINE_TYPE, ENGINE_TYPE_LABEL, build_mappings
 from epp.framework.datalayer import MetricsExtractor
 from epp.framework.plugin import PluginContext, PluginParams
 
@@ -21,7 +21,8 @@ from epp.framework.plugin import PluginContext, PluginParams
 class EngineMetricSpecs(PluginParams):
     """PromQL-style instant selectors (``name{label=value}``) for one engine type.
 
-    ``None`` = keep the built-in spec; ``""`` = disable that metric.
+    The entry replaces the engine's whole built-in entry (GIE): a spec left unset or ``""``
+    is disabled.
     """
 
     name: str = Field(min_length=1)
@@ -48,6 +49,18 @@ class CoreMetricsExtractorParams(PluginParams):
                 raise ValueError(f"duplicate engine config name {spec.name!r}")
             seen.add(spec.name)
         return v
+
+    @model_validator(mode="after")
+    def _compiles(self) -> Self:
+        """Compile the mappings now, so a bad selector or an unknown ``defaultEngine`` fails
+        when the config loads (naming the field), not when scraping starts."""
+        mappings = build_mappings(self.engine_overrides())
+        if self.default_engine not in mappings:
+            raise ValueError(
+                f"defaultEngine {self.default_engine!r} has no metrics mapping; known: "
+                + ", ".join(sorted(mappings)) + " (or add it to engineConfigs)"
+            )
+        return self
 
     def engine_overrides(self) -> dict[str, dict[str, str]] | None:
         """``engineConfigs`` in the data layer's form (``epp.datalayer.metric_mapping``

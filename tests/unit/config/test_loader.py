@@ -8,6 +8,7 @@ import pytest
 
 from epp.config import ConfigError, build_scheduling, load_config
 from epp.datalayer.datastore import Datastore
+from epp.framework.datalayer import Endpoint
 from epp.framework.plugin import PluginContext
 from epp.plugins.flowcontrol.utilization_detector import UtilizationDetector
 from epp.plugins.scheduling.max_score_picker import MaxScorePicker
@@ -42,11 +43,10 @@ def test_no_config_gives_gie_defaults():
     assert cfg.plugin(cfg.profile_handler).type_name == "single-profile-handler"
     assert cfg.plugin(cfg.saturation_detector).type_name == "utilization-detector"
     assert cfg.plugin(cfg.parser).type_name == "openai-parser"
-    assert cfg.metrics_source.scheme == "http"
-    assert cfg.metrics_source.path == "/metrics"
-    assert cfg.metrics_source.insecure_skip_verify is True
-    assert [(s.plugin_ref, s.extractors) for s in cfg.data_sources] == [
-        ("metrics-data-source", ("core-metrics-extractor",))]
+    source = cfg.plugin(cfg.data_source.plugin_ref)
+    assert (source.type_name, source.params.scheme, source.params.path,
+            source.params.insecure_skip_verify) == ("metrics-data-source", "http", "/metrics", True)
+    assert cfg.plugin(cfg.data_source.extractor).type_name == "core-metrics-extractor"
     assert cfg.flow_control is None and not cfg.flow_control_enabled
     assert load_config("").is_default
 
@@ -55,10 +55,10 @@ def test_sample_default_config_matches_builtin_defaults():
     sample = load_config((MANIFESTS / "default-config.yaml").read_text())
     default = load_config(None)
     assert _profile_summary(sample) == _profile_summary(default)
-    for attr in ("profile_handler", "saturation_detector", "parser", "metrics_source",
-                 "metrics_extractor", "data_sources"):
+    for attr in ("profile_handler", "saturation_detector", "parser", "data_source"):
         assert getattr(sample, attr) == getattr(default, attr), attr
-    for name in ("utilization-detector", "max-score-picker"):
+    for name in ("utilization-detector", "max-score-picker", "metrics-data-source",
+                 "core-metrics-extractor"):
         assert sample.plugin(name).params == default.plugin(name).params
 
 
@@ -148,11 +148,17 @@ flowControl:
   priorityBands: [{priority: 100, maxRequests: 500}]
 """)
     assert cfg.flow_control_enabled
-    assert cfg.flow_control == {"maxBytes": "10Gi", "priorityBands": [{"priority": 100,
-                                                                      "maxRequests": 500}]}
-    assert (cfg.metrics_source.scheme, cfg.metrics_source.path,
-            cfg.metrics_source.insecure_skip_verify) == ("https", "/custom/metrics", False)
-    overrides = cfg.metrics_extractor.engine_overrides()
+    assert cfg.flow_control is not None
+    assert cfg.flow_control.max_bytes == 10 * 2**30
+    assert [(b.priority, b.max_requests) for b in cfg.flow_control.priority_bands] == [(100, 500)]
+    assert (cfg.data_source.plugin_ref, cfg.data_source.extractor) == ("src", "ext")
+    bundle = build_scheduling(cfg, ctx())
+    assert bundle.data_source is bundle.plugins["src"]
+    assert bundle.data_source.verify_tls
+    assert bundle.data_source.metrics_url(Endpoint("p", "10.0.0.1", 8000)) == \
+        "https://10.0.0.1:8000/custom/metrics"
+    assert bundle.metrics_extractor is bundle.plugins["ext"]
+    overrides = bundle.metrics_extractor.engine_overrides()
     assert overrides is not None
     from epp.datalayer.metric_mapping import build_mappings
 
@@ -169,7 +175,7 @@ plugins:
 - {type: metrics-data-source, parameters: {path: /m}}
 schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]
 """)
-    assert cfg.metrics_source.path == "/m"
+    assert cfg.plugin(cfg.data_source.plugin_ref).params.path == "/m"
 
 
 # ---- errors name the field ----

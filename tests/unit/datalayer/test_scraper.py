@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -16,6 +17,8 @@ from epp.datalayer.metric_mapping import ENGINE_TYPE_LABEL
 from epp.datalayer.scraper import MetricsScraper
 from epp.framework.datalayer import Endpoint
 from epp.metrics import EppMetrics
+from epp.plugins.datalayer.core_metrics_extractor import CoreMetricsExtractor
+from epp.plugins.datalayer.metrics_data_source import MetricsDataSource, MetricsDataSourceParams
 
 SAMPLE = (Path(__file__).resolve().parents[2] / "data" / "vllm_metrics_sample.txt").read_text()
 WAIT = 5.0  # upper bound for anything we wait on; tests normally finish far sooner
@@ -86,6 +89,14 @@ async def eventually(cond: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+def scraper_for(ds: Datastore, *, extractor: CoreMetricsExtractor | None = None,
+                source: MetricsDataSource | None = None, **kw: Any) -> MetricsScraper:
+    """A scraper reading through GIE's default data source and extractor, as ``epp serve``
+    wires it when the config has no ``dataLayer``."""
+    return MetricsScraper(ds, source=source or MetricsDataSource("metrics-data-source"),
+                          extractor=extractor or CoreMetricsExtractor("core-metrics-extractor"), **kw)
+
+
 def error_count(metrics: EppMetrics, key: str) -> float:
     return metrics.registry.get_sample_value(
         "epp_metrics_scrape_errors_total", {"endpoint": key}) or 0.0
@@ -95,7 +106,7 @@ async def test_scrape_once_parses_the_real_page(pods: Callable[[], Awaitable[Fak
     pod = await pods()
     ds = Datastore()
     ep = pod.endpoint()
-    scraper = MetricsScraper(ds)
+    scraper = scraper_for(ds)
     try:
         before = ep.metrics
         assert await scraper.scrape_once(ep)
@@ -113,14 +124,14 @@ async def test_metrics_port_and_path_and_engine_type(pods: Callable[[], Awaitabl
     pod.text = "sglang:num_queue_reqs 3\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\n"
     ep = Endpoint(name="sg", address="127.0.0.1", port=1, metrics_port=pod.port,
                   labels={ENGINE_TYPE_LABEL: "sglang"})
-    scraper = MetricsScraper(Datastore())
+    scraper = scraper_for(Datastore())
     try:
         assert scraper.url_for(ep) == f"http://127.0.0.1:{pod.port}/metrics"
         assert await scraper.scrape_once(ep)
         assert (ep.metrics.waiting_queue_size, ep.metrics.kv_cache_usage) == (3, 0.5)
     finally:
         await scraper.stop()
-    other = MetricsScraper(Datastore(), path="custom")
+    other = scraper_for(Datastore(), source=MetricsDataSource("m", MetricsDataSourceParams(path="/custom")))
     assert other.url_for(ep).endswith("/custom")
 
 
@@ -133,7 +144,7 @@ async def test_follows_updates_goes_stale_on_death_and_recovers(
     ep = pod.endpoint()
     ds.replace_endpoints([ep])
     metrics = EppMetrics()
-    scraper = MetricsScraper(ds, interval=0.02, timeout=0.5, max_backoff=0.1, metrics=metrics)
+    scraper = scraper_for(ds, interval=0.02, timeout=0.5, max_backoff=0.1, metrics=metrics)
     await scraper.start()
     try:
         await eventually(lambda: ep.metrics.waiting_queue_size == 1)
@@ -170,7 +181,7 @@ async def test_http_error_keeps_old_metrics_and_backs_off(pods: Callable[[], Awa
     ep = pod.endpoint()
     ds.replace_endpoints([ep])
     metrics = EppMetrics()
-    scraper = MetricsScraper(ds, interval=0.01, max_backoff=0.2, metrics=metrics)
+    scraper = scraper_for(ds, interval=0.01, max_backoff=0.2, metrics=metrics)
     try:
         assert await scraper.scrape_once(ep)
         good = ep.metrics
@@ -194,7 +205,7 @@ async def test_timeout_is_a_failure(pods: Callable[[], Awaitable[FakePod]]) -> N
     pod.delay = 0.3
     ep = pod.endpoint()
     metrics = EppMetrics()
-    scraper = MetricsScraper(Datastore(), timeout=0.1, metrics=metrics)
+    scraper = scraper_for(Datastore(), timeout=0.1, metrics=metrics)
     try:
         assert not await asyncio.wait_for(scraper.scrape_once(ep), WAIT)
         assert ep.metrics.updated_at == 0
@@ -210,7 +221,7 @@ async def test_collectors_follow_the_datastore(pods: Callable[[], Awaitable[Fake
     ep_a = a.endpoint("a")
     ds.replace_endpoints([ep_a])
     metrics = EppMetrics()
-    scraper = MetricsScraper(ds, interval=0.02, metrics=metrics)
+    scraper = scraper_for(ds, interval=0.02, metrics=metrics)
     await scraper.start()
     try:
         await eventually(lambda: ep_a.metrics.updated_at > 0)
@@ -243,7 +254,7 @@ async def test_collectors_follow_the_datastore(pods: Callable[[], Awaitable[Fake
 async def test_listener_called_from_another_thread(pods: Callable[[], Awaitable[FakePod]]) -> None:
     pod = await pods()
     ds = Datastore()
-    scraper = MetricsScraper(ds, interval=0.02)
+    scraper = scraper_for(ds, interval=0.02)
     await scraper.start()
     ep = pod.endpoint()
     try:
@@ -262,7 +273,7 @@ async def test_missing_family_logged_once(pods: Callable[[], Awaitable[FakePod]]
     # no KV gauge (required); no lora / cache config families (optional, not reported)
     pod.text = "\n".join(line for line in page(1, 1, 0.1).splitlines() if "kv_cache_usage_perc" not in line)
     ep = pod.endpoint()
-    scraper = MetricsScraper(Datastore())
+    scraper = scraper_for(Datastore())
     try:
         for _ in range(5):
             assert await scraper.scrape_once(ep)
@@ -278,8 +289,11 @@ async def test_missing_family_logged_once(pods: Callable[[], Awaitable[FakePod]]
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
-        MetricsScraper(Datastore(), interval=0)
-    with pytest.raises(ValueError):
-        MetricsScraper(Datastore(), scheme="ftp")
+        scraper_for(Datastore(), interval=0)
+
+    class BadExtractor(CoreMetricsExtractor):
+        def engine_overrides(self) -> dict[str, dict[str, str]]:
+            return {"vllm": {"nope": "x"}}
+
     with pytest.raises(ValueError, match="unknown field"):
-        MetricsScraper(Datastore(), engine_configs={"vllm": {"nope": "x"}})
+        scraper_for(Datastore(), extractor=BadExtractor("bad"))
