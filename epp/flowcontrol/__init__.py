@@ -18,3 +18,17 @@
 Layering: from request control only leaf modules are imported: ``errors`` (the ``Admission``
 protocol rejects with ``RequestError``) and, in ``hold``, the legacy shedding rule.
 """
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mypy checks that every admission / demand source keeps the framework's protocols
+    from epp.flowcontrol.controller import FlowController
+    from epp.flowcontrol.demand import DatastoreDemand
+    from epp.flowcontrol.hold import HoldingAdmission
+    from epp.flowcontrol.legacy import LegacyAdmission
+    from epp.framework.requestcontrol import Admission, Demand
+
+    def _conforms(
+        fc: FlowController, hold: HoldingAdmission, legacy: LegacyAdmission, ds: DatastoreDemand
+    ) -> tuple[Admission, Admission, Admission, Demand, Demand, Demand]:
+        return fc, hold, legacy, fc, hold, ds

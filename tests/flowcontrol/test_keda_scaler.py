@@ -82,5 +82,5 @@ async def test_without_the_gate_an_empty_pool_still_holds_requests() -> None:
     assert setup.demand.queued == 1 and not task.done()
     ep = Endpoint("pod", "10.0.0.1", 8000)
     ds.replace_endpoints([ep])
-    assert list(await asyncio.wait_for(task, 1)) == [ep]
+    assert list(await asyncio.wait_for(task, 5)) == [ep]
     assert setup.demand.queued == 0
