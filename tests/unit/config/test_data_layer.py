@@ -8,7 +8,6 @@ The serving tests run a real picker against aiohttp model-server stand-ins on 12
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,10 +22,10 @@ from epp.framework.datalayer import Endpoint
 from epp.framework.plugin import PluginContext
 from epp.runner.server import PickerServer, ServeOptions
 from epp.runner.tls import self_signed
+from tests.waiting import eventually
 
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 PROFILE = "schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]\n"
-WAIT = 10.0  # hang guard for anything awaited; normally done in well under a second
 
 # a vLLM page plus a series only a custom engine spec reads, and an SGLang queue gauge
 PAGE = """\
@@ -182,15 +181,6 @@ async def serve() -> AsyncIterator[Callable[..., object]]:
         await part.stop()
 
 
-async def until(cond: Callable[[], bool]) -> None:
-    """Poll ``cond`` until it holds (at most WAIT seconds)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.01)
-
-
 def only_endpoint(server: PickerServer) -> Endpoint:
     (ep,) = server.datastore.endpoints()
     return ep
@@ -203,7 +193,7 @@ plugins: [{type: queue-scorer}, {type: metrics-data-source, parameters: {path: /
 dataLayer: {sources: [{pluginRef: metrics-data-source}]}
 """ + PROFILE, pod)
     ep = only_endpoint(server)
-    await until(lambda: ep.metrics.updated_at > 0)
+    await eventually(lambda: ep.metrics.updated_at > 0, what="a successful scrape")
     assert (ep.metrics.waiting_queue_size, ep.metrics.running_requests_size) == (1, 2)
     assert set(pod.paths) == {"/custom-metrics"}
 
@@ -229,7 +219,7 @@ plugins:
 - {extractor.strip()}
 """ + PROFILE, pod)
     ep = only_endpoint(server)
-    await until(lambda: ep.metrics.updated_at > 0)
+    await eventually(lambda: ep.metrics.updated_at > 0, what="a successful scrape")
     assert ep.metrics.waiting_queue_size == queue
 
 
@@ -253,10 +243,10 @@ plugins:
             "epp_metrics_scrape_errors_total", {"endpoint": ep.key}) or 0.0
 
     if skip_verify:
-        await until(lambda: ep.metrics.updated_at > 0)
+        await eventually(lambda: ep.metrics.updated_at > 0, what="a successful scrape")
         assert ep.metrics.waiting_queue_size == 1
     else:  # the self-signed certificate is refused: scrapes fail, the page is never read
-        await until(lambda: errors() >= 2)
+        await eventually(lambda: errors() >= 2, what="two failed scrapes")
         assert ep.metrics.updated_at == 0
         assert pod.paths == []  # refused during the handshake, before any request
 
