@@ -46,24 +46,7 @@ from epp.flowcontrol.clock import Clock, MonotonicClock
 from epp.flowcontrol.config import FlowControlConfig
 from epp.flowcontrol.demand import Activity
 from epp.flowcontrol.hold import EmptyPoolWaiter
-from epp.flowcontrol.queues import (
-    DISPATCHED,
-    DONE,
-    EVICTED_CLIENT_GONE,
-    EVICTED_NO_ENDPOINTS,
-    EVICTED_OTHER,
-    EVICTED_TTL,
-    QUEUED,
-    REJECTED_CAPACITY,
-    REJECTED_SHEDDABLE,
-    RELEASED,
-    SENT,
-    PolicyLookup,
-    QueueItem,
-    Queues,
-    request_bytes,
-    request_ttl,
-)
+from epp.flowcontrol.queues import Outcome, PolicyLookup, QueueItem, Queues, State, request_bytes, request_ttl
 from epp.flowcontrol.series import FlowMetrics
 from epp.flowcontrol.timers import Timer, Timers
 from epp.framework import errors
@@ -135,7 +118,7 @@ class FlowController:
                 await self._task
             self._task = None
         for item in self._queues.drain():
-            self._finish(item, EVICTED_OTHER, errors.unavailable("the endpoint picker is shutting down"))
+            self._finish(item, Outcome.EVICTED_OTHER, errors.unavailable("the endpoint picker is shutting down"))
         self._timers.close()
         self._poll_timer = None
 
@@ -166,14 +149,14 @@ class FlowController:
                 return eps
             if request.priority < 0 and saturated:
                 if series is not None:
-                    series.outcome(REJECTED_SHEDDABLE, 0.0)
+                    series.outcome(Outcome.REJECTED_SHEDDABLE, 0.0)
                 raise errors.shed("sheddable request dropped: the pool is saturated")
         elif self.pool.budget <= 0:
             raise errors.unavailable("no ready endpoints in the inference pool")
         size = request_bytes(request)
         if queues.full(band, size):
             if series is not None:
-                series.outcome(REJECTED_CAPACITY, 0.0)
+                series.outcome(Outcome.REJECTED_CAPACITY, 0.0)
             raise errors.shed("flow control queue is full")
         ttl = request_ttl(request, self.ttl)
         item = QueueItem(
@@ -189,15 +172,15 @@ class FlowController:
         try:
             return await fut
         except asyncio.CancelledError:
-            if item.state == QUEUED:  # the client went away (Envoy reset the stream)
-                self._finish(item, EVICTED_CLIENT_GONE, None)
+            if item.state == State.QUEUED:  # the client went away (Envoy reset the stream)
+                self._finish(item, Outcome.EVICTED_CLIENT_GONE, None)
             raise
 
     def release(self, request: LLMRequest, info: ResponseInfo) -> None:
         item = request.state.pop(STATE_KEY)
-        if item is None or item.state != SENT:
+        if item is None or item.state != State.SENT:
             return
-        item.state = RELEASED
+        item.state = State.RELEASED
         self.inflight -= 1
         band = item.band
         counting = self._metrics.metrics is not None
@@ -238,7 +221,7 @@ class FlowController:
         """A queued item leaves without being dispatched."""
         if item.queued:
             self._unqueue(item)
-        item.state = DONE
+        item.state = State.DONE
         if item.series is not None:
             item.series.outcome(outcome, self.clock.now() - item.arrival)
         item.request.state.pop(STATE_KEY)
@@ -252,7 +235,7 @@ class FlowController:
         """Hand the request to the scheduler (its admit returns) and charge its flow."""
         if item.queued:
             self._unqueue(item)
-        item.state = SENT
+        item.state = State.SENT
         item.request.state.set(STATE_KEY, item)
         band = item.band
         if band.fairness.uses_tokens:
@@ -263,7 +246,7 @@ class FlowController:
         was_idle = self.queued == 0 and self.inflight == 0
         self.inflight += 1
         if item.series is not None:
-            item.series.outcome(DISPATCHED, now - item.arrival)
+            item.series.outcome(Outcome.DISPATCHED, now - item.arrival)
         if was_idle:
             self.activity.notify()
 
@@ -287,20 +270,21 @@ class FlowController:
 
     def _on_timer(self, item: QueueItem) -> None:
         item.timer = None
-        if item.state != QUEUED:
+        if item.state != State.QUEUED:
             return
         now = self.clock.now()
         try:
             eps = self.pool.candidates(item.candidates)
         except RequestError as exc:
-            self._finish(item, EVICTED_OTHER, exc)
+            self._finish(item, Outcome.EVICTED_OTHER, exc)
             return
         if not eps:
             if now >= item.hold_until:
-                self._finish(item, EVICTED_NO_ENDPOINTS, self.pool.error())
+                self._finish(item, Outcome.EVICTED_NO_ENDPOINTS, self.pool.error())
                 return
         elif now >= self._expiry(item):
-            self._finish(item, EVICTED_TTL, errors.unavailable("request expired in the flow control queue (TTL)"))
+            expired = errors.unavailable("request expired in the flow control queue (TTL)")
+            self._finish(item, Outcome.EVICTED_TTL, expired)
             return
         self._arm(item, now, bool(eps))
 
@@ -340,12 +324,12 @@ class FlowController:
                 try:
                     eps = self.pool.candidates(item.candidates)
                 except RequestError as exc:
-                    self._finish(item, EVICTED_OTHER, exc)
+                    self._finish(item, Outcome.EVICTED_OTHER, exc)
                     continue
                 now = self.clock.now()
                 if not eps:
                     if now >= item.hold_until:
-                        self._finish(item, EVICTED_NO_ENDPOINTS, self.pool.error())
+                        self._finish(item, Outcome.EVICTED_NO_ENDPOINTS, self.pool.error())
                         continue
                     return  # head blocked until endpoints appear: nothing else may pass it
                 sat = detector.saturation(eps) if detector is not None else 0.0

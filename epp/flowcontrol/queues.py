@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from epp.flowcontrol.config import FlowControlConfig
 from epp.flowcontrol.series import Series
@@ -30,18 +31,29 @@ PolicyLookup = Callable[[str], Plugin | None]
 #: ``5s`` or ``250ms``). It can only shorten ``defaultRequestTTL``, never extend it.
 TTL_HEADER = "x-llm-d-inference-ttl"
 
-# Outcomes (GIE's names, plus RejectedSheddable and EvictedNoEndpoints which GIE folds into
-# RejectedCapacity / EvictedTTL; separate labels tell an operator *why*).
-DISPATCHED = "Dispatched"
-REJECTED_CAPACITY = "RejectedCapacity"
-REJECTED_SHEDDABLE = "RejectedSheddable"
-EVICTED_TTL = "EvictedTTL"
-EVICTED_NO_ENDPOINTS = "EvictedNoEndpoints"
-EVICTED_CLIENT_GONE = "EvictedContextCancelled"
-EVICTED_OTHER = "EvictedOther"
 
-# QueueItem.state
-QUEUED, SENT, RELEASED, DONE = 0, 1, 2, 3
+
+class Outcome(StrEnum):
+    """The ``outcome`` label: GIE's names, plus RejectedSheddable and EvictedNoEndpoints, which
+    GIE folds into RejectedCapacity / EvictedTTL (separate labels tell an operator *why*)."""
+
+    DISPATCHED = "Dispatched"
+    REJECTED_CAPACITY = "RejectedCapacity"
+    REJECTED_SHEDDABLE = "RejectedSheddable"
+    EVICTED_TTL = "EvictedTTL"
+    EVICTED_NO_ENDPOINTS = "EvictedNoEndpoints"
+    EVICTED_CLIENT_GONE = "EvictedContextCancelled"
+    EVICTED_OTHER = "EvictedOther"
+
+
+
+class State:
+    """``QueueItem.state`` (plain ints, not an Enum: compared on every dispatch)."""
+
+    QUEUED = 0  # waiting (or held for an empty pool)
+    SENT = 1  # dispatched: admit returned, the response has not ended
+    RELEASED = 2  # its response ended
+    DONE = 3  # left without being dispatched (rejected, expired, client gone)
 
 
 def request_bytes(request: LLMRequest) -> int:
@@ -91,13 +103,13 @@ class QueueItem:
     series: Series | None
     future: asyncio.Future[Sequence[Endpoint]] | None = None
     timer: Timer | None = None
-    state: int = QUEUED
+    state: int = State.QUEUED
     est_tokens: float = 0.0
     queued: bool = False
 
     @property
     def pending(self) -> bool:
-        return self.state == QUEUED and self.queued
+        return self.state == State.QUEUED and self.queued
 
 
 @dataclass(slots=True, eq=False)
