@@ -40,6 +40,9 @@ _KNOBS: tuple[tuple[str, str], ...] = (
     ("enable_lora", "publish vllm:lora_requests_info even without --lora-modules"),
     ("max_loras", "distinct LoRA adapters per running batch (GPU slots)"),
     ("lora_load_delay", "seconds added when an adapter is loaded into a GPU slot"),
+    ("lora_load_time", "seconds a runtime adapter load (disk read) takes; engine steps pause meanwhile, "
+                       "and an adapter evicted from the CPU cache pays it again when next used"),
+    ("max_cpu_loras", "adapters kept in CPU memory (LRU; 0 = --max-loras, vLLM's default)"),
     ("kv_side_channel_host", "remote_host in returned kv_transfer_params"),
     ("kv_side_channel_port", "remote_port base in returned kv_transfer_params (pod i: base + i)"),
     ("kv_events_topic", "KV-event topic; {host} {port} {model} {pod} are substituted"),

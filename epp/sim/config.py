@@ -96,6 +96,11 @@ class SimConfig:
     enable_lora: bool = False  # also implied by lora_modules
     max_loras: int = 1
     lora_load_delay: float = 0.010  # paid when an adapter enters a GPU slot
+    #: disk read of an adapter: a runtime load (``/v1/load_lora_adapter``) takes this long and
+    #: pauses the engine's steps meanwhile (vLLM's engine core runs the load between steps);
+    #: an adapter evicted from the CPU cache pays it again in the step that uses it
+    lora_load_time: float = 0.0
+    max_cpu_loras: int = 0  # adapters whose weights stay in CPU memory; 0 = max_loras (vLLM's default)
 
     # -- P/D (NIXL-shaped kv_transfer_params)
     kv_side_channel_host: str = "127.0.0.1"
@@ -124,6 +129,11 @@ class SimConfig:
         return self.served_model_names[0]
 
     @property
+    def cpu_lora_slots(self) -> int:
+        """Adapters kept in CPU memory (``max_cpu_loras``, default ``max_loras``)."""
+        return self.max_cpu_loras or self.max_loras
+
+    @property
     def lora_enabled(self) -> bool:
         return self.enable_lora or bool(self.lora_modules)
 
@@ -147,6 +157,11 @@ class SimConfig:
             raise ValueError("failure_injection_rate must be within 0..100 (percent)")
         if self.max_loras <= 0:
             raise ValueError("max_loras must be positive")
+        if self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}), "
+                             "as vLLM requires (0 = max_loras)")
+        if self.lora_load_time < 0 or self.lora_load_delay < 0:
+            raise ValueError("lora_load_time and lora_load_delay must be >= 0")
         from epp.sim.errors import FAILURE_TYPES  # local: errors imports nothing of config
 
         for t in self.failure_types:

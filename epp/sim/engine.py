@@ -13,6 +13,7 @@ Step cost (simulated seconds, then x ``time_scale``)::
     cost  = f(n) * ( max(inter_token_latency        if any sequence is decoding,
                          prefill_time_per_token * uncached prompt tokens scheduled this step)
                    + lora_load_delay * adapters loaded into a GPU slot this step )
+          + lora_load_time * adapters read from disk this step (evicted from the CPU cache)
 
 The ``max`` is a roofline: a decode step is memory-bound (weights + KV reads), so prompt tokens
 batched into it cost little until their compute exceeds that time (vLLM's chunked prefill).
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from epp.sim.config import LoraModule, SimConfig
 from epp.sim.kvcache import KVCache, chain_digests
 from epp.sim.kvevents import KVEventPublisher
+from epp.sim.lora import LoraTiers
 from epp.sim.metrics import EngineStats, Gauges, labels
 from epp.sim.sequence import SeqState, Sequence
 
@@ -62,11 +64,10 @@ class Engine:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     transferring: int = 0
-    loras: dict[str, LoraModule] = field(default_factory=dict)
-    lora_ids: dict[str, int] = field(default_factory=dict)
-    next_lora_id: int = 1
-    lora_slots: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    lora: LoraTiers = field(init=False)
     lora_series: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    #: loop time until which steps pause for runtime adapter loads (disk reads)
+    _stalled_until: float = 0.0
     steps: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -74,6 +75,7 @@ class Engine:
     def __post_init__(self) -> None:
         cfg = self.config
         self.kv = KVCache(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.lora = LoraTiers(cfg.max_loras, cfg.cpu_lora_slots)
         for m in cfg.lora_modules:
             self.load_lora(m)
 
@@ -93,21 +95,29 @@ class Engine:
 
     # ------------------------------------------------------------------ LoRA registry
     def load_lora(self, module: LoraModule) -> bool:
-        """Register an adapter; False if the name is already loaded."""
-        if module.name in self.loras:
-            return False
-        self.loras[module.name] = module
-        self.lora_ids[module.name] = self.next_lora_id
-        self.next_lora_id += 1
-        return True
+        """Register an adapter at once (``--lora-modules``); False if the name is loaded."""
+        return self.lora.register(module)
+
+    async def load_lora_runtime(self, module: LoraModule, inplace: bool = False) -> bool:
+        """``/v1/load_lora_adapter``: read the adapter from disk (``lora_load_time``, steps
+        paused meanwhile; concurrent loads queue behind each other as in vLLM's engine core),
+        then serve it. False if the name got registered meanwhile (and not ``inplace``)."""
+        delay = self.config.lora_load_time * self.config.time_scale
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            self._stalled_until = max(now, self._stalled_until) + delay
+            await asyncio.sleep(self._stalled_until - now)
+        if module.name in self.lora.registry:
+            if not inplace:
+                return False
+            self.lora.replace(module)
+            return True
+        self.lora.disk_reads += 1
+        return self.lora.register(module)
 
     def unload_lora(self, name: str) -> bool:
-        if name not in self.loras:
-            return False
-        del self.loras[name]
-        del self.lora_ids[name]
-        self.lora_slots.pop(name, None)
-        return True
+        return self.lora.unregister(name)
 
     # ------------------------------------------------------------------ requests
     def submit(self, seq: Sequence) -> None:
@@ -183,6 +193,9 @@ class Engine:
                 await self._wake.wait()
                 continue
             t0 = loop.time()
+            if self._stalled_until > t0:  # a runtime adapter load holds the engine
+                await asyncio.sleep(self._stalled_until - t0)
+                continue
             scheduled, cost = self._schedule(time.monotonic())
             events = self.kv.drain_events()
             if events and self.publisher is not None:
@@ -216,6 +229,7 @@ class Engine:
         decoding = False
         prefill_tokens = 0
         lora_loads = 0
+        disk_reads = 0
         preempted = False
         running = self.running
 
@@ -265,13 +279,9 @@ class Engine:
                 prefill_tokens += n
                 if seq.lora is not None:
                     active.add(seq.lora.name)
-                    if seq.lora.name in self.lora_slots:
-                        self.lora_slots.move_to_end(seq.lora.name)
-                    else:
-                        lora_loads += 1
-                        self.lora_slots[seq.lora.name] = None
-                        while len(self.lora_slots) > cfg.max_loras:
-                            self.lora_slots.popitem(last=False)
+                    gpu, disk = self.lora.use(seq.lora.name)
+                    lora_loads += gpu
+                    disk_reads += disk
                 self._register(seq, n)
             for seq in reversed(skipped):
                 self.waiting.appendleft(seq)
@@ -281,7 +291,7 @@ class Engine:
         cost = (
             max(cfg.inter_token_latency if decoding else 0.0, prefill_tokens * cfg.prefill_time_per_token)
             + lora_loads * cfg.lora_load_delay
-        ) * self._load_factor(len(running))
+        ) * self._load_factor(len(running)) + disk_reads * cfg.lora_load_time
         return scheduled, cost
 
     def _admit(self, seq: Sequence, budget: int, now: float) -> int:

@@ -44,8 +44,17 @@ def error_type(status: int) -> str:
     return "BadRequestError" if 400 <= status < 500 else "InternalServerError"
 
 
-def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    """``{"error": {"message", "type", "param", "code"}}`` serialized with orjson."""
+def error_body(status: int, message: str, param: str | None = None, type_: str | None = None) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}`` serialized with orjson; ``type_``
+    overrides the status's usual type (vLLM's admin routes report e.g. ``InvalidUserInput``)."""
     return orjson.dumps(
-        {"error": {"message": message, "type": error_type(status), "param": param, "code": status}}
+        {"error": {"message": message, "type": type_ or error_type(status), "param": param, "code": status}}
     )
+
+
+def missing_field_body(field: str, body: dict[str, object]) -> bytes:
+    """vLLM's 400 for a request body lacking a required field (FastAPI validation, as vLLM
+    0.32 words it)."""
+    message = (f"1 validation error:\n  {{'type': 'missing', 'loc': 'body.{field}', 'msg': 'Field required', "
+               f"'input': '<dict of {len(body)} items>'}}")
+    return error_body(400, message, f"body.{field}", "Bad Request")

@@ -53,7 +53,8 @@ def parse_completion(body: Any, chat: bool, cfg: SimConfig, tokenizer: Tokenizer
     if model not in cfg.served_model_names:
         lora = loras.get(model)
         if lora is None:
-            raise RequestError(404, f"The model `{model}` does not exist.", "model")
+            raise RequestError(404, f"The model `{model}` does not exist. "
+                                    f"Valid aliases: {', '.join(cfg.served_model_names)}.", "model")
     n = body.get("n")
     if n is not None and n != 1:
         raise RequestError(400, "The simulator supports n=1 only.", "n")

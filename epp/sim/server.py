@@ -15,6 +15,7 @@ engine and writes.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from epp.sim.config import LoraModule, SimConfig
 from epp.sim.engine import Engine, QueueFullError
-from epp.sim.errors import FAILURE_TYPES, error_body
+from epp.sim.errors import FAILURE_TYPES, error_body, missing_field_body
 from epp.sim.metrics import MetricsPage, cache_config_labels
 from epp.sim.openai_request import ParsedRequest, RequestError, parse_completion
 from epp.sim.openai_response import DONE, StreamFrames, completion_body
@@ -35,6 +36,11 @@ from epp.sim.tokenizer import Tokenizer
 KV_BYTES_PER_TOKEN = 131072  # Llama-3.1-8B bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
 _JSON = "application/json"
 _METRICS_CT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _duplicate_message(name: str) -> str:
+    return (f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+            "set 'load_inplace' to True.")
 
 
 @dataclass(slots=True)
@@ -130,7 +136,7 @@ class PodServer:
              "parent": None, "max_model_len": cfg.max_model_len, "permission": perm}
             for name in cfg.served_model_names
         ]
-        for lora in self.engine.loras.values():
+        for lora in self.engine.lora.registry.values():
             data.append({"id": lora.name, "object": "model", "created": self._created, "owned_by": "vllm",
                          "root": lora.path, "parent": lora.base_model_name or cfg.model_name,
                          "max_model_len": None, "permission": perm})
@@ -160,15 +166,24 @@ class PodServer:
         return body
 
     async def load_lora(self, request: web.Request) -> web.Response:
+        """``POST /v1/load_lora_adapter`` with vLLM 0.32's checks, order and bodies
+        (``tests/data/vllm_runtime_lora.json``): the directory must hold an adapter
+        (``adapter_config.json``), the load takes ``lora_load_time`` with the engine paused."""
         try:
             body = await self._admin_body(request)
         except RequestError as e:
             return self._error(e.status, e.message)
-        name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            return self._error(400, "Both 'lora_name' and 'lora_path' must be provided.")
-        if not self.engine.load_lora(LoraModule(name, path, self.config.model_name)):
-            return self._error(400, f"The lora adapter '{name}' has already been loaded.")
+        for key in ("lora_name", "lora_path"):
+            if not isinstance(body.get(key), str):
+                return self._json(missing_field_body(key, body), 400)
+        name, path = body["lora_name"], body["lora_path"]
+        inplace = body.get("load_inplace") is True
+        if name in self.engine.lora.registry and not inplace:
+            return self._json(error_body(400, _duplicate_message(name), type_="InvalidUserInput"), 400)
+        if not await asyncio.to_thread(os.path.isfile, os.path.join(path, "adapter_config.json")):
+            return self._error(404, f"Loading lora {name} failed: No adapter found for {path}")
+        if not await self.engine.load_lora_runtime(LoraModule(name, path, self.config.model_name), inplace):
+            return self._json(error_body(400, _duplicate_message(name), type_="InvalidUserInput"), 400)
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.", headers=self._headers)
 
     async def unload_lora(self, request: web.Request) -> web.Response:
@@ -177,8 +192,8 @@ class PodServer:
         except RequestError as e:
             return self._error(e.status, e.message)
         name = body.get("lora_name")
-        if not isinstance(name, str) or not name:
-            return self._error(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
+        if not isinstance(name, str):
+            return self._json(missing_field_body("lora_name", body), 400)
         if not self.engine.unload_lora(name):
             return self._error(404, f"The lora adapter '{name}' cannot be found.")
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.", headers=self._headers)
@@ -237,7 +252,7 @@ class PodServer:
 
     def _parse(self, body: Any, chat: bool) -> ParsedRequest:
         engine = self.engine
-        return parse_completion(body, chat, self.config, self.tokenizer, engine.loras, engine.lora_ids)
+        return parse_completion(body, chat, self.config, self.tokenizer, engine.lora.registry, engine.lora.ids)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         cfg = self.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -101,14 +102,17 @@ async def test_pd_round_trip(fast_config: SimConfig, http: aiohttp.ClientSession
 
 
 async def test_lora_load_unload_and_lora_requests_info(
-    fast_config: SimConfig, http: aiohttp.ClientSession
+    fast_config: SimConfig, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     cfg = fast_config.replace(lora_modules=[LoraModule("static-a", "/adapters/a")], max_loras=2)
+    adapter = tmp_path / "b"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
     async with SimPool(cfg, replicas=1) as pool:
         url = pool.pods[0].url
-        r = await http.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "dyn-b", "lora_path": "/b"})
+        r = await http.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "dyn-b", "lora_path": str(adapter)})
         assert r.status == 200 and "added successfully" in await r.text()
-        r = await http.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "dyn-b", "lora_path": "/b"})
+        r = await http.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "dyn-b", "lora_path": str(adapter)})
         assert r.status == 400
         ids = [m["id"] for m in (await (await http.get(f"{url}/v1/models")).json())["data"]]
         assert ids == ["sim-model", "static-a", "dyn-b"]
