@@ -16,7 +16,10 @@ Protocol handled here:
   then resume the watch from the last resourceVersion. Nothing is reported as deleted: the
   consumer keeps its last known state, marked stale (``"stale"`` / ``"fresh"`` reports).
 * ``optional`` resources (CRDs that may not be installed, or not readable by our RBAC): a
-  404/403 on LIST reports an empty set (``"absent"``) and retries slowly.
+  404/403 on LIST reports an empty set (``"absent"``) and retries slowly. A 404/403 on the
+  WATCH (the CRD was deleted while we were disconnected, or our RBAC was revoked) means the
+  objects we hold are no longer visible to us: re-list at once, which then reports
+  ``"absent"``, instead of resuming the watch from the same resourceVersion forever.
 
 ``set_params`` swaps the query (e.g. a new pod label selector after the pool changed): it
 bumps the epoch, closes the open stream and re-lists. Reports carry the epoch so the
@@ -82,6 +85,7 @@ class ResourceWatcher:
         self._thread = threading.Thread(target=self._run, name=f"k8s-watch-{name}", daemon=True)
         self._stale = False
         self._failures = 0
+        self._absent = False  # an optional resource answered 403/404 (logged once per spell)
 
     # ---- control (any thread) ----
     def start(self) -> None:
@@ -154,6 +158,13 @@ class ResourceWatcher:
                 if isinstance(exc, ApiException) and exc.status == 410:
                     rv = None
                     continue
+                if self._optional and _gone_for_us(exc) and rv is not None:
+                    # CRD deleted or RBAC revoked under an open watch: re-list (which reports
+                    # "absent" and clears the consumer's objects) rather than resume from rv.
+                    log.warning("kubernetes %s watch refused (%s): re-listing; its objects are "
+                                "dropped while it stays unavailable", self.name, _brief(exc))
+                    rv = None
+                    continue
                 self._failures += 1
                 delay = min(self._backoff_max, self._backoff_base * 2 ** min(self._failures - 1, 16))
                 delay = random.uniform(delay / 2, delay)
@@ -183,19 +194,23 @@ class ResourceWatcher:
         try:
             resp = self._call(**params, _preload_content=False,
                               _request_timeout=(self._connect_timeout, 60))
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            if body.get("kind") == "Status":
+                raise ApiException(status=body.get("code", 500), reason=body.get("message"))
         except ApiException as exc:
-            if self._optional and exc.status in (403, 404):
-                log.info("kubernetes %s not available (HTTP %s); treating as empty, will retry",
-                         self.name, exc.status)
+            if self._optional and _gone_for_us(exc):
+                (log.debug if self._absent else log.info)(
+                    "kubernetes %s not available (HTTP %s); treating as empty, will retry",
+                    self.name, exc.status)
+                self._absent = True
                 self._report("absent", [], epoch)
+                self._set_fresh(epoch)  # a definite answer ("none"), not a failing API server
                 return None
             raise
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        if body.get("kind") == "Status":
-            raise ApiException(status=body.get("code", 500), reason=body.get("message"))
+        self._absent = False
         items = body.get("items") or []
         self._report("list", items, epoch)
         return str((body.get("metadata") or {}).get("resourceVersion") or "0")
@@ -225,6 +240,8 @@ class ResourceWatcher:
                 if etype == "ERROR":
                     if obj.get("code") == 410:
                         raise _Gone()
+                    if obj.get("code") in (403, 404):
+                        raise ApiException(status=obj["code"], reason=obj.get("message"))
                     raise RuntimeError(f"watch error event: {obj.get('code')} {obj.get('message')}")
                 new_rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if new_rv:
@@ -255,6 +272,11 @@ def _lines(resp: Any) -> Iterator[bytes]:
                 yield line
     if buf.strip():
         yield buf
+
+
+def _gone_for_us(exc: BaseException) -> bool:
+    """403/404: the resource does not exist (CRD not installed) or we may not read it."""
+    return isinstance(exc, ApiException) and exc.status in (403, 404)
 
 
 def _brief(exc: BaseException) -> str:

@@ -123,6 +123,7 @@ class LeaderElector:
         self._observed_at = 0.0
         self._holder = ""
         self._request_timeout = max(0.2, min(retry_period, renew_deadline / 2))
+        self._failures = _FailureLog(self.description)
 
     # ---- public ----
     @property
@@ -199,12 +200,15 @@ class LeaderElector:
     async def _attempt(self, budget: float) -> bool:
         """One try_acquire_or_renew; each HTTP call gets ``budget`` seconds."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._try_acquire_or_renew, budget),
-                                          2 * budget + 0.5)
+            ok = await asyncio.wait_for(asyncio.to_thread(self._try_acquire_or_renew, budget),
+                                        2 * budget + 0.5)
         except TimeoutError:
-            log.debug("leader election: %s timed out", self.description)
+            self._failures.failed("timed out")
         except Exception as exc:
-            log.debug("leader election: %s failed: %s", self.description, _brief(exc))
+            self._failures.failed(_brief(exc), forbidden=isinstance(exc, ApiException) and exc.status == 403)
+        else:
+            self._failures.succeeded()
+            return ok
         return False
 
     def _set_leader(self, leader: bool, why: str) -> None:
@@ -312,6 +316,44 @@ class LeaderElector:
             self._observed = record
             self._observed_at = time.monotonic()
             self._holder = holder
+
+
+class _FailureLog:
+    """Warnings for failing Lease calls, at most one per ``every`` seconds.
+
+    A replica that cannot read or write its Lease (no RBAC for ``leases``, API server down)
+    never becomes leader, hence never ready: that must be visible at the default log level,
+    but a retry every ``retry_period`` must not flood the log. The first failure of a spell
+    warns at once; later ones are counted and summarised in the next warning; the first
+    success after a warning says so.
+    """
+
+    __slots__ = ("every", "last", "suppressed", "warned", "what")
+
+    def __init__(self, what: str, every: float = 60.0) -> None:
+        self.what = what
+        self.every = every
+        self.last = -math.inf
+        self.suppressed = 0
+        self.warned = False
+
+    def failed(self, why: str, forbidden: bool = False) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.suppressed += 1
+            log.debug("leader election: %s failed: %s", self.what, why)
+            return
+        hint = (" (RBAC: the service account needs get, create and update on leases in "
+                "coordination.k8s.io)" if forbidden else "")
+        more = f"; {self.suppressed} more failures since the last warning" if self.suppressed else ""
+        log.warning("leader election: %s failed: %s%s; no leadership (hence no readiness) is "
+                    "gained or kept past the renew deadline until it succeeds%s", self.what, why, hint, more)
+        self.last, self.suppressed, self.warned = now, 0, True
+
+    def succeeded(self) -> None:
+        if self.warned:
+            log.info("leader election: %s: Lease calls succeed again", self.what)
+        self.last, self.suppressed, self.warned = -math.inf, 0, False
 
 
 def _brief(exc: BaseException) -> str:
