@@ -53,6 +53,20 @@ class RewriteRule:
 
 
 @dataclass(slots=True, frozen=True)
+class CatalogueModel:
+    """A model the pool may serve (pool file ``models:``, or the model-placement config).
+
+    ``path`` set: a LoRA adapter that model placement loads onto pods at run time (vLLM's
+    ``lora_path``); ``base`` names the base model it applies to. ``path`` None: a base model,
+    served by the pods started with it (placement routes and holds for it, never loads it).
+    """
+
+    name: str
+    path: str | None = None
+    base: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class PoolInfo:
     """What the picker knows of its InferencePool (static pools fill a synthetic one)."""
 
@@ -79,6 +93,8 @@ class Datastore:
     #: rewrite rules in precedence order: the request path takes the first whose matches fit
     #: (exact-match rules first, oldest resource first; then generic rules, oldest first)
     rewrites: tuple[RewriteRule, ...] = ()
+    #: models the pool may serve, by name (pool file ``models:``; read by model placement)
+    catalogue: dict[str, CatalogueModel] = field(default_factory=dict)
     synced: bool = False
     _listeners: list[EndpointsListener] = field(default_factory=list)
 

@@ -13,6 +13,9 @@ Format (YAML; unknown keys are errors so typos fail loudly)::
     objectives:                                   # optional: InferenceObjectives without Kubernetes
     - {name: premium, priority: 10}               #   selected by header x-gateway-inference-objective
     - {name: batch, priority: -1}                 #   negative priority = sheddable
+    models:                                       # optional: the catalogue for model placement
+    - {name: dept-a, path: /adapters/dept-a, base: llama}   # a LoRA adapter loaded at run time
+    - {name: llama}                               #   a base model (pods started with it serve it)
 
 Addresses must be IP literals: the gateway routes to the picked endpoint through an
 original-destination cluster, which takes ``ip:port`` and does not resolve names.
@@ -28,14 +31,14 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from epp.datalayer.datastore import Objective, PoolInfo
+from epp.datalayer.datastore import CatalogueModel, Objective, PoolInfo
 from epp.framework.datalayer import Endpoint, parse_hostport
 
 
@@ -118,12 +121,29 @@ class _ObjectiveEntry(BaseModel):
     priority: int = 0
 
 
+class ModelEntry(BaseModel):
+    """One catalogue entry (pool file ``models:``, placement config ``models:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: str | None = Field(default=None, min_length=1)
+    base: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _base_needs_path(self) -> ModelEntry:
+        if self.base is not None and self.path is None:
+            raise ValueError("base is the base model of a LoRA adapter: give the adapter's path too")
+        return self
+
+
 class _PoolFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pool: _PoolRef | None = None
     endpoints: list[_EndpointEntry] | None = None
     objectives: list[_ObjectiveEntry] | None = None
+    models: list[ModelEntry] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -133,6 +153,7 @@ class PoolDefinition:
     pool: PoolInfo
     endpoints: list[Endpoint]
     objectives: dict[str, Objective]
+    models: dict[str, CatalogueModel] = field(default_factory=dict)
 
 
 def _format_loc(loc: Sequence[Any]) -> str:
@@ -206,7 +227,17 @@ def parse_pool_definition(text: str, source: str = "<pool>", *,
         if o.name in objectives:
             raise PoolFileError(f"{source}: objectives[{i}].name: duplicate objective {o.name!r}")
         objectives[o.name] = Objective(o.name, o.priority)
-    return PoolDefinition(pool, endpoints, objectives)
+    return PoolDefinition(pool, endpoints, objectives, parse_models(model.models or (), source))
+
+
+def parse_models(entries: Sequence[ModelEntry], source: str, field_name: str = "models") -> dict[str, CatalogueModel]:
+    """Catalogue entries by name; a repeated name is an error naming the entry."""
+    models: dict[str, CatalogueModel] = {}
+    for i, m in enumerate(entries):
+        if m.name in models:
+            raise PoolFileError(f"{source}: {field_name}[{i}].name: duplicate model {m.name!r}")
+        models[m.name] = CatalogueModel(m.name, m.path, m.base)
+    return models
 
 
 def load_pool_file(path: str | os.PathLike[str], *,

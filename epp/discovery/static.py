@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from epp.datalayer.datastore import Datastore, Objective, PoolInfo
+from epp.datalayer.datastore import CatalogueModel, Datastore, Objective, PoolInfo
 from epp.discovery.base import Discovery
 from epp.discovery.pool_file import PoolFileError, load_pool_file, parse_endpoints_flag
 from epp.framework.datalayer import Endpoint
@@ -53,6 +53,7 @@ class StaticDiscovery(Discovery):
         self._datastore: Datastore | None = None
         self._file_missing = False
         self._objectives: dict[str, Objective] = {}
+        self._models: dict[str, CatalogueModel] = {}
         self.reloads = 0  # applied reloads (tests, debugging)
         self.rejected_reloads = 0
 
@@ -77,6 +78,7 @@ class StaticDiscovery(Discovery):
         d = load_pool_file(p, default_pool=default_pool)
         self = cls(d.endpoints, pool=d.pool, path=p, poll_interval=poll_interval)
         self._objectives = d.objectives
+        self._models = d.models
         self._default_pool = default_pool
         self._signature = sig
         return self
@@ -119,6 +121,7 @@ class StaticDiscovery(Discovery):
         ds.pool = self._pool
         if self.path is not None:
             ds.objectives = dict(self._objectives)
+            ds.catalogue = dict(self._models)
         ds.replace_endpoints(
             Endpoint(name=e.name, address=e.address, port=e.port, labels=dict(e.labels),
                      metrics_host=e.metrics_host, metrics_port=e.metrics_port)
@@ -156,11 +159,13 @@ class StaticDiscovery(Discovery):
                   for ep in self._endpoints}
         after = {(ep.key, ep.name, tuple(sorted(ep.labels.items())), ep.metrics_port)
                  for ep in endpoints}
-        if before == after and pool == self._pool and d.objectives == self._objectives:
+        if (before == after and pool == self._pool and d.objectives == self._objectives
+                and d.models == self._models):
             return False
         self._pool = pool
         self._endpoints = endpoints
         self._objectives = d.objectives
+        self._models = d.models
         self._apply()
         self.reloads += 1
         log.info("pool file reloaded", extra={"path": str(self.path), "endpoints": len(endpoints)})

@@ -2,7 +2,9 @@
 
 ``Admission`` is implemented by flow control (``epp.flowcontrol``): the legacy shedding gate,
 empty-pool holding, or the flow controller with queues. ``Demand`` is what the KEDA scaler and
-the demand gauges read from whichever admission runs.
+the demand gauges read from whichever admission runs. ``Placement`` (``epp.placement``) makes
+sure a request's model is loaded on some pod before admission, and ``ModelDemand`` is its
+per-model demand for the KEDA scaler.
 """
 
 from __future__ import annotations
@@ -90,5 +92,34 @@ class Demand(Protocol):
 
     @property
     def inflight(self) -> int: ...
+
+    def add_activity_listener(self, listener: Callable[[], None]) -> None: ...
+
+
+class Placement(Protocol):
+    """Model placement, as the director drives it (``epp.placement``).
+
+    ``ensure`` runs before admission: it returns at once when the request's target model is
+    loaded on some pod, holds the request while a load runs (bounded), and raises
+    RequestError (404 unknown model, 503 cannot be loaded in time). ``candidates`` narrows
+    the endpoints admission and scheduling see to those serving the model. When ``ensure``
+    returned, ``routed`` is called with the pick (if one was made) and ``release`` exactly
+    once when the response ends or the stream is reset, with the same endpoint or None.
+    """
+
+    async def ensure(self, request: LLMRequest) -> None: ...
+
+    def candidates(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
+
+    def routed(self, request: LLMRequest, endpoint: Endpoint) -> None: ...
+
+    def release(self, request: LLMRequest, endpoint: Endpoint | None) -> None: ...
+
+
+class ModelDemand(Protocol):
+    """Demand per model (KEDA scaler metadata ``model``): requests held for a load, and all
+    requests between arrival and response end. None for a model the pool does not know."""
+
+    def model_demand(self, model: str) -> tuple[int, int] | None: ...
 
     def add_activity_listener(self, listener: Callable[[], None]) -> None: ...

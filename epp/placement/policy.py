@@ -1,0 +1,202 @@
+"""Placement decisions: where to load a model, what to evict, how many copies, what to unload.
+
+Pure functions of the fleet view, the demand per model, the settings and ``now`` — no I/O,
+no clock — so the whole policy is unit-tested with a fake clock (``tests/unit/placement``).
+
+The rules (docs/model-sharing.md explains them with their knobs):
+
+* **Cold miss** (a request for an adapter loaded nowhere): load it on a pod with a free
+  adapter slot, the least loaded first; with no free slot anywhere, evict the cheapest idle
+  copy — the one with the least demand per copy — preferring copies older than
+  ``minChurnAge``. A copy with requests in flight, or running/waiting in the pod's metrics,
+  is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
+* **Copies follow demand**: a model's smoothed in-flight count, divided by what one copy
+  should carry — the pool's average per pod, at least ``minInflightPerCopy`` — times
+  ``1 + copyHeadroom``, rounded up, is the copies it wants (at most ``maxCopies``, at most
+  one per pod). Extra copies go to free slots, or evict a copy whose demand per copy is
+  ``evictionRatio`` times lower than the hot model's (and older than ``minChurnAge``).
+  Because it is a share of the pool, the rule sizes copies the same on every replica, at
+  any load level, and needs no per-deployment requests-per-minute threshold.
+* **Scale down**: a model with more copies than it wants for ``scaleDownDelay`` loses its
+  least used copy, one per delay. A copy nobody used for ``idleUnloadAfter`` is unloaded,
+  the last one too: an adapter with no demand frees its slot (scale to zero per model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import xxhash
+
+from epp.datalayer.datastore import CatalogueModel
+from epp.placement.config import PlacementConfig
+from epp.placement.fleet import Copy, Fleet, ModelState, PodView, per_copy_demand
+
+COLD = "cold"
+SCALE_UP = "scale_up"
+IDLE = "idle"
+SCALE_DOWN = "scale_down"
+EVICTED = "evicted"
+
+
+@dataclass(slots=True, frozen=True)
+class Load:
+    model: str
+    pod: str
+    reason: str  # COLD | SCALE_UP
+    evict: str | None = None  # unloaded from the pod first (reason EVICTED)
+
+
+@dataclass(slots=True, frozen=True)
+class Unload:
+    model: str
+    pod: str
+    reason: str  # IDLE | SCALE_DOWN
+
+
+Action = Load | Unload
+
+
+def loadable(model: str, catalogue: Mapping[str, CatalogueModel]) -> bool:
+    """Placement may load (and so unload) only catalogue adapters: it knows their path."""
+    entry = catalogue.get(model)
+    return entry is not None and entry.path is not None
+
+
+def _idle(pod: PodView, model: str, copy: Copy) -> bool:
+    return copy.inflight == 0 and model not in pod.active and not pod.busy(model)
+
+
+def _tie(pod: str, model: str) -> int:
+    """A stable per-(pod, model) order among equal pods: spreads models, same on every replica."""
+    return xxhash.xxh64_intdigest(f"{pod}\0{model}".encode())
+
+
+def victim(pod: PodView, fleet: Fleet, models: Mapping[str, ModelState],
+           catalogue: Mapping[str, CatalogueModel], now: float, min_age: float) -> tuple[float, str] | None:
+    """The cheapest copy on ``pod`` that may be unloaded now: (demand per copy, model)."""
+    best: tuple[float, float, str] | None = None
+    for m, c in pod.adapters.items():
+        if not loadable(m, catalogue) or not _idle(pod, m, c) or now - c.since < min_age:
+            continue
+        cand = (per_copy_demand(m, models, fleet), c.last_used, m)
+        if best is None or cand < best:
+            best = cand
+    return None if best is None else (best[0], best[2])
+
+
+def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
+               catalogue: Mapping[str, CatalogueModel], cfg: PlacementConfig, now: float, *,
+               cold: bool, exclude: frozenset[str] = frozenset()) -> Load | None:
+    """Where a new copy of ``model`` goes (None: nowhere right now).
+
+    Free slot first (least loaded pod), else evict the cheapest idle copy. For a cold miss
+    any idle copy may go, old ones first; for a scale-up only a copy older than
+    ``minChurnAge`` whose demand per copy is ``evictionRatio`` times below the hot model's.
+    """
+    hot = per_copy_demand(model, models, fleet)
+    best: tuple[tuple[int, float, float, int], Load] | None = None
+    for ages in ((cfg.min_churn_age, 0.0) if cold else (cfg.min_churn_age,)):
+        for pod in fleet.pods.values():
+            if (pod.slots <= 0 or pod.key in exclude or pod.serves(model) or pod.loading
+                    or pod.busy(model)):
+                continue
+            if pod.free_slots() > 0:
+                key = (0, 0.0, pod.load, _tie(pod.key, model))
+                load = Load(model, pod.key, COLD if cold else SCALE_UP)
+            else:
+                v = victim(pod, fleet, models, catalogue, now, ages)
+                if v is None or (not cold and v[0] * cfg.eviction_ratio >= hot):
+                    continue
+                key = (1, v[0], pod.load, _tie(pod.key, model))
+                load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[1])
+            if best is None or key < best[0]:
+                best = (key, load)
+        if best is not None:
+            break
+    return None if best is None else best[1]
+
+
+def desired_copies(model: ModelState, total_concurrency: float, capable_pods: int, cfg: PlacementConfig) -> int:
+    """Copies ``model`` wants: its share of the in-flight work, in pods' worth (module doc)."""
+    if capable_pods <= 0:
+        return 0
+    per_copy = max(cfg.min_inflight_per_copy, total_concurrency / capable_pods)
+    want = math.ceil(model.concurrency * (1.0 + cfg.copy_headroom) / per_copy - 1e-9)
+    cap = min(capable_pods, cfg.max_copies or capable_pods)
+    return max(1, min(want, cap))
+
+
+def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str, CatalogueModel],
+         cfg: PlacementConfig, now: float, owns: Callable[[str], bool]) -> list[Action]:
+    """One reconcile tick: idle unloads, then copies up or down for every model this replica
+    decides for (``owns``). Cold loads are not planned here: requests trigger them.
+
+    A surplus copy is first *drained* (this replica routes no new request to it) and unloaded
+    once idle, so scaling down never cuts a request short."""
+    actions: list[Action] = []
+    leaving: set[tuple[str, str]] = set()
+    for pod in fleet.pods.values():
+        for m, c in pod.adapters.items():
+            if not owns(m) or not loadable(m, catalogue) or not _idle(pod, m, c):
+                continue
+            if m in pod.draining:
+                actions.append(Unload(m, pod.key, SCALE_DOWN))
+            elif now - c.last_used >= cfg.idle_unload_after:
+                actions.append(Unload(m, pod.key, IDLE))
+            else:
+                continue
+            leaving.add((m, pod.key))
+    capable = sum(1 for p in fleet.pods.values() if p.slots > 0)
+    total = sum(st.concurrency for st in models.values())
+    for name, st in models.items():
+        if not owns(name) or not loadable(name, catalogue):
+            continue
+        keys = [k for k in fleet.holders.get(name, ()) if (name, k) not in leaving]
+        draining = [k for k in keys if name in fleet.pods[k].draining]
+        holders = [k for k in keys if name not in fleet.pods[k].draining]
+        if not holders:
+            st.surplus_since = None
+            continue  # loaded nowhere (or only draining): the next request decides
+        loading = sum(1 for p in fleet.pods.values() if name in p.loading)
+        want = desired_copies(st, total, capable, cfg)
+        have = len(holders) + loading
+        if have < want:
+            st.surplus_since = None
+            for key in draining[: want - have]:  # demand came back: keep what is still there
+                fleet.pods[key].draining.discard(name)
+                have += 1
+            chosen: set[str] = set()
+            for _ in range(want - have):
+                load = choose_pod(name, fleet, models, catalogue, cfg, now, cold=False,
+                                  exclude=frozenset(chosen))
+                if load is None:
+                    break
+                chosen.add(load.pod)
+                actions.append(load)
+        elif len(holders) > want and loading == 0 and not draining:
+            if st.surplus_since is None:
+                st.surplus_since = now
+            elif now - st.surplus_since >= cfg.scale_down_delay:
+                drop = _least_used(name, holders, fleet, now, cfg.min_churn_age)
+                if drop is not None:
+                    fleet.pods[drop].draining.add(name)
+                    st.surplus_since = now  # one copy per delay: copies scale down slowly
+        elif len(holders) <= want:
+            st.surplus_since = None
+    return actions
+
+
+def _least_used(model: str, holders: list[str], fleet: Fleet, now: float, min_age: float) -> str | None:
+    """The copy to drain: fewest requests in flight, then least recently used."""
+    best: tuple[int, float, int, str] | None = None
+    for key in holders:
+        c = fleet.pods[key].adapters.get(model)
+        if c is None or now - c.since < min_age:
+            continue
+        cand = (c.inflight, c.last_used, _tie(key, model), key)
+        if best is None or cand < best:
+            best = cand
+    return None if best is None else best[3]

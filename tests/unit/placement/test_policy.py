@@ -1,0 +1,198 @@
+"""The placement policy with a fake clock: where loads go, what is evicted, how many copies,
+what is unloaded and when (epp/placement/policy.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+from epp.datalayer.datastore import CatalogueModel
+from epp.placement.config import PlacementConfig, parse_placement_config
+from epp.placement.fleet import Copy, Fleet, ModelState
+from epp.placement.peers import Ownership
+from epp.placement.policy import (
+    COLD,
+    IDLE,
+    SCALE_DOWN,
+    SCALE_UP,
+    Load,
+    Unload,
+    choose_pod,
+    desired_copies,
+    plan,
+)
+
+CFG = parse_placement_config("idleUnloadAfter: 60s\nminChurnAge: 10s\nscaleDownDelay: 30s\n")
+CATALOGUE = {f"a{i}": CatalogueModel(f"a{i}", f"/adapters/a{i}") for i in range(40)}
+
+
+def always(_: str) -> bool:
+    return True
+
+
+def fleet(pods: dict[str, Iterable[str]], slots: int = 2, now: float = 0.0, used: float | None = None) -> Fleet:
+    """Pods with adapters loaded at ``now`` and last used at ``used`` (default: ``now``)."""
+    f = Fleet()
+    f.sync(pods)
+    for key, adapters in pods.items():
+        f.pods[key].slots = slots
+        f.apply_report(key, 0, adapters, ["base"], now)
+        for c in f.pods[key].adapters.values():
+            c.last_used = now if used is None else used
+    return f
+
+
+def demand(**conc: float) -> dict[str, ModelState]:
+    return {m: ModelState(m, concurrency=c, inflight=round(c)) for m, c in conc.items()}
+
+
+def test_a_cold_miss_takes_the_free_slot_of_the_least_loaded_pod() -> None:
+    f = fleet({"p1": ["a1", "a2"], "p2": ["a3"], "p3": ["a4"]})
+    f.pods["p2"].load = 5
+    f.pods["p3"].load = 1
+    assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p3", COLD)
+
+
+def test_a_full_fleet_evicts_the_idle_copy_with_the_least_demand() -> None:
+    f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]})
+    models = demand(a1=3.0, a2=0.5, a3=2.0, a4=1.0)
+    load = choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True)
+    assert load == Load("a9", "p1", COLD, evict="a2")
+
+
+def test_copies_in_use_are_never_evicted_and_a_full_busy_fleet_has_no_room() -> None:
+    f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]})
+    f.pods["p1"].adapters["a2"].inflight = 1        # this replica has a request there
+    f.pods["p2"].active = frozenset({"a3", "a4"})   # the pod's metrics show them running
+    assert choose_pod("a9", f, demand(a2=0.1), CATALOGUE, CFG, 100.0, cold=True) == Load(
+        "a9", "p1", COLD, evict="a1")
+    f.pods["p1"].adapters["a1"].inflight = 1
+    assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) is None
+
+
+def test_adapters_outside_the_catalogue_are_never_evicted() -> None:
+    f = fleet({"p1": ["static-x", "a1"]})
+    assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p1", COLD, evict="a1")
+    f = fleet({"p1": ["static-x", "static-y"]})
+    assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) is None
+
+
+def test_young_copies_go_only_when_nothing_older_can() -> None:
+    f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]}, now=0.0)
+    f.pods["p2"].adapters["a3"] = Copy(since=95.0, last_used=95.0)  # 5 s old: below minChurnAge
+    f.pods["p1"].adapters["a1"].inflight = f.pods["p1"].adapters["a2"].inflight = 1
+    f.pods["p2"].adapters["a4"].inflight = 1
+    # a cold miss may take the young copy (a request waits); a scale-up may not
+    assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p2", COLD, evict="a3")
+    assert choose_pod("a9", f, demand(a9=50.0), CATALOGUE, CFG, 100.0, cold=False) is None
+
+
+@pytest.mark.parametrize("share, pods, want", [
+    (0.285, 8, 3),   # the Zipf(1.1) head of 32 adapters: 2.3 pods' worth + headroom
+    (0.133, 8, 2),
+    (0.02, 8, 1),    # tail: one copy
+    (1.0, 8, 8),     # everything: every pod, never more
+])
+def test_copies_follow_the_models_share_of_the_work(share: float, pods: int, want: int) -> None:
+    total = 40.0  # requests in flight over the pool (5 per pod)
+    assert desired_copies(ModelState("m", concurrency=share * total), total, pods, CFG) == want
+
+
+def test_little_work_spreads_over_no_more_than_it_needs() -> None:
+    """At 1 request in flight in the whole pool the one model still wants one copy, not eight:
+    a copy is sized at least minInflightPerCopy."""
+    assert desired_copies(ModelState("m", concurrency=1.0), 1.0, 8, CFG) == 1
+    assert desired_copies(ModelState("m", concurrency=6.0), 6.0, 8, CFG) == 4  # 6 x 1.25 / 2
+
+
+def test_a_hot_model_gets_copies_on_free_slots_in_one_tick() -> None:
+    f = fleet({f"p{i}": [] for i in range(4)} | {"p0": ["a1"]}, slots=4, used=99.0)
+    models = demand(a1=20.0, a2=1.0)
+    actions = plan(f, models, CATALOGUE, CFG, 100.0, always)
+    loads = [a for a in actions if isinstance(a, Load)]
+    assert {a.reason for a in loads} == {SCALE_UP}
+    assert len(loads) == 3 and len({a.pod for a in loads}) == 3 and all(a.model == "a1" for a in loads)
+
+
+def test_a_scale_up_evicts_only_much_colder_copies() -> None:
+    f = fleet({"p0": ["a1", "a2"], "p1": ["a3", "a4"]}, slots=2, now=0.0, used=99.0)
+    hot = demand(a1=12.0, a2=0.5, a3=0.3, a4=4.0)  # a1 wants 2 copies; a3 is 40x colder per copy
+    loads = [a for a in plan(f, hot, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)]
+    assert loads == [Load("a1", "p1", SCALE_UP, evict="a3")]
+    warm = demand(a1=12.0, a2=0.5, a3=3.0, a4=4.0)  # a3 per copy (3) x 4 >= a1 per copy (12)
+    assert [a for a in plan(f, warm, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)] == []
+
+
+def test_idle_copies_are_unloaded_after_the_idle_time_even_the_last_one() -> None:
+    f = fleet({"p0": ["a1", "static-x"]}, now=0.0)
+    assert plan(f, {}, CATALOGUE, CFG, 59.0, always) == []
+    assert plan(f, {}, CATALOGUE, CFG, 60.0, always) == [Unload("a1", "p0", IDLE)]  # not static-x
+    f.pods["p0"].adapters["a1"].inflight = 1
+    assert plan(f, {}, CATALOGUE, CFG, 600.0, always) == []
+
+
+def test_a_surplus_copy_is_drained_then_unloaded_once_idle() -> None:
+    f = fleet({"p0": ["a1"], "p1": ["a1"], "p2": ["a1"]}, slots=2, now=0.0)
+    models = demand(a1=1.0)  # wants 1 copy, has 3
+    for c in (f.pods[k].adapters["a1"] for k in ("p0", "p1", "p2")):
+        c.last_used = 100.0
+    f.pods["p0"].adapters["a1"].inflight = 1
+    assert plan(f, models, CATALOGUE, CFG, 100.0, always) == []         # surplus starts
+    assert plan(f, models, CATALOGUE, CFG, 129.0, always) == []
+    assert plan(f, models, CATALOGUE, CFG, 130.0, always) == []         # one copy drained
+    drained = [k for k, p in f.pods.items() if "a1" in p.draining]
+    assert len(drained) == 1 and drained[0] != "p0"                     # not the busy one
+    f.reindex()
+    assert drained[0] not in f.routable["a1"] and drained[0] in f.holders["a1"]
+    assert plan(f, models, CATALOGUE, CFG, 131.0, always) == [Unload("a1", drained[0], SCALE_DOWN)]
+
+
+def test_demand_coming_back_cancels_a_drain() -> None:
+    f = fleet({"p0": ["a1"], "p1": ["a1"]}, slots=2, now=0.0, used=99.0)
+    f.pods["p1"].draining.add("a1")
+    f.pods["p1"].adapters["a1"].inflight = 1  # not idle yet: not unloaded
+    assert plan(f, demand(a1=8.0), CATALOGUE, CFG, 100.0, always) == []
+    assert not f.pods["p1"].draining
+
+
+def test_models_owned_by_another_replica_are_left_alone() -> None:
+    f = fleet({"p0": ["a1"], "p1": []}, slots=2, now=0.0)
+    assert plan(f, demand(a1=20.0), CATALOGUE, CFG, 1000.0, lambda m: m != "a1") == []
+
+
+def test_a_models_report_older_than_our_own_change_is_ignored() -> None:
+    f = fleet({"p0": ["a1"]})
+    version = f.pods["p0"].version  # a poll is sent now ...
+    f.loaded("p0", "a2", 1.0)       # ... our load completes before its answer arrives
+    assert not f.apply_report("p0", version, ["a1"], ["base"], 2.0)
+    assert f.holders["a2"] == {"p0"}
+
+
+def test_every_replica_computes_the_same_owner_and_the_same_successor() -> None:
+    peers = ("http://a:1", "http://b:1", "http://c:1")
+    views = [Ownership(self_url=p, peers=peers) for p in peers]
+    for model in (f"m{i}" for i in range(50)):
+        owners = {v.owner(model) or v.self_url for v in views}
+        assert len(owners) == 1
+    spread = {views[0].owner(f"m{i}") or views[0].self_url for i in range(50)}
+    assert spread == set(peers)  # the models are spread over the replicas
+    model = next(f"m{i}" for i in range(50) if (views[0].owner(f"m{i}") or peers[0]) == peers[2])
+    for v in views[:2]:
+        v.unreachable(peers[2])
+    successors = {v.owner(model) or v.self_url for v in views[:2]}
+    assert len(successors) == 1 and peers[2] not in successors
+
+
+def test_config_errors_name_the_field() -> None:
+    from epp.placement.config import PlacementConfigError
+
+    with pytest.raises(PlacementConfigError, match=r"idleUnloadAfter|idle_unload_after"):
+        parse_placement_config("idleUnloadAfter: soon\n", "p.yaml")
+    with pytest.raises(PlacementConfigError, match=r"p.yaml: mode: expected one of observe, manage"):
+        parse_placement_config("mode: auto\n", "p.yaml")
+    with pytest.raises(PlacementConfigError, match=r"p.yaml: models\[1\].name: duplicate model 'x'"):
+        parse_placement_config("models: [{name: x, path: /a}, {name: x, path: /b}]\n", "p.yaml")
+    with pytest.raises(PlacementConfigError, match=r"p.yaml: holdTimeoutt: Extra inputs"):
+        parse_placement_config("holdTimeoutt: 1s\n", "p.yaml")
+    assert isinstance(parse_placement_config(None), PlacementConfig)
