@@ -14,8 +14,12 @@ turns that into scaling decisions without a Prometheus hop:
   ceil(demand / target) replicas.
 
 Trigger metadata keys (all optional): ``pool`` (must name this picker's pool; a mismatch is
-NOT_FOUND so a wrong scalerAddress fails loudly), ``metric`` (``demand`` = queued + in flight,
-``queued``, ``inflight``), ``targetRequestsPerReplica``, ``activationThreshold``.
+NOT_FOUND so a wrong scalerAddress fails loudly), ``model`` (demand for one model only, with
+model placement on: ``queued`` = requests held for its load, ``inflight`` = the others between
+arrival and response end; a model the pool does not know is NOT_FOUND), ``metric`` (``demand``
+= queued + in flight, ``queued``, ``inflight``), ``targetRequestsPerReplica``,
+``activationThreshold``. A pool dedicated to one base model scales on its model's demand and
+goes to zero when nobody asks for it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import grpc
 
 from epp.flowcontrol import keda_proto
-from epp.framework.requestcontrol import Demand
+from epp.framework.requestcontrol import Demand, ModelDemand
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +47,35 @@ class _BadMetadata(ValueError):
 class KedaScaler:
     """Implements the servicer methods; ``server()`` wraps it in a gRPC aio server."""
 
-    def __init__(self, demand: Demand, pool_name: Callable[[], str], keepalive: float = 10.0) -> None:
+    def __init__(self, demand: Demand, pool_name: Callable[[], str], keepalive: float = 10.0,
+                 models: ModelDemand | None = None) -> None:
         self.demand = demand
         self.pool_name = pool_name
         self.keepalive = keepalive
+        #: per-model demand (model placement); None: metadata ``model`` is refused
+        self.models = models
         self.pb2, self.pb2_grpc = keda_proto.load()
         self._streams: set[asyncio.Event] = set()
         demand.add_activity_listener(self._changed)
+        if models is not None:
+            models.add_activity_listener(self._changed)
 
     def _changed(self) -> None:
         for ev in self._streams:
             ev.set()
 
     # ---- metadata
-    def _meta(self, ref: Any) -> tuple[str, float, float]:
+    def _meta(self, ref: Any) -> tuple[str, float, float, str | None]:
         md = dict(ref.scalerMetadata)
         pool = md.get("pool") or md.get("inferencePool")
         if pool and pool != self.pool_name():
             raise LookupError(f"this endpoint picker serves pool {self.pool_name()!r}, not {pool!r}")
+        model = md.get("model") or None
+        if model is not None:
+            if self.models is None:
+                raise _BadMetadata("metadata model needs model placement (epp serve --model-placement)")
+            if self.models.model_demand(model) is None:
+                raise LookupError(f"pool {self.pool_name()!r} does not know model {model!r}")
         metric = md.get("metric", "demand")
         if metric not in METRICS:
             raise _BadMetadata(f"metadata metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -71,21 +86,25 @@ class KedaScaler:
             raise _BadMetadata(f"metadata: {exc}") from None
         if not target > 0:
             raise _BadMetadata("metadata targetRequestsPerReplica must be > 0")
-        return metric, target, activation
+        return metric, target, activation, model
 
-    def value(self, metric: str = "demand") -> int:
-        d = self.demand
+    def value(self, metric: str = "demand", model: str | None = None) -> int:
+        if model is not None and self.models is not None:
+            queued, total = self.models.model_demand(model) or (0, 0)
+            inflight = total - queued
+        else:
+            queued, inflight = self.demand.queued, self.demand.inflight
         if metric == "queued":
-            return d.queued
+            return queued
         if metric == "inflight":
-            return d.inflight
-        return d.queued + d.inflight
+            return inflight
+        return queued + inflight
 
-    def active(self, activation: float = 0.0) -> bool:
-        return self.value("demand") > activation
+    def active(self, activation: float = 0.0, model: str | None = None) -> bool:
+        return self.value("demand", model) > activation
 
-    def metric_name(self, metric: str) -> str:
-        return f"epp-{metric}-{self.pool_name()}"
+    def metric_name(self, metric: str, model: str | None = None) -> str:
+        return f"epp-{metric}-{self.pool_name()}" + (f"-{model}" if model else "")
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.INVALID_ARGUMENT
@@ -94,20 +113,20 @@ class KedaScaler:
     # ---- RPCs
     async def IsActive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            _, _, activation = self._meta(request)
+            _, _, activation, model = self._meta(request)
         except (LookupError, _BadMetadata) as exc:
             await self._abort(context, exc)
-        return self.pb2.IsActiveResponse(result=self.active(activation))
+        return self.pb2.IsActiveResponse(result=self.active(activation, model))
 
     async def StreamIsActive(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            _, _, activation = self._meta(request)
+            _, _, activation, model = self._meta(request)
         except (LookupError, _BadMetadata) as exc:
             await self._abort(context, exc)
         ev = asyncio.Event()
         self._streams.add(ev)
         try:
-            last = self.active(activation)
+            last = self.active(activation, model)
             yield self.pb2.IsActiveResponse(result=last)
             while True:
                 timed_out = False
@@ -117,7 +136,7 @@ class KedaScaler:
                 except TimeoutError:
                     timed_out = True
                 ev.clear()
-                now = self.active(activation)
+                now = self.active(activation, model)
                 if now != last or timed_out:
                     last = now
                     yield self.pb2.IsActiveResponse(result=now)
@@ -126,20 +145,20 @@ class KedaScaler:
 
     async def GetMetricSpec(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            metric, target, _ = self._meta(request)
+            metric, target, _, model = self._meta(request)
         except (LookupError, _BadMetadata) as exc:
             await self._abort(context, exc)
-        spec = self.pb2.MetricSpec(metricName=self.metric_name(metric), targetSize=max(1, round(target)),
+        spec = self.pb2.MetricSpec(metricName=self.metric_name(metric, model), targetSize=max(1, round(target)),
                                    targetSizeFloat=target)
         return self.pb2.GetMetricSpecResponse(metricSpecs=[spec])
 
     async def GetMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            metric, _, _ = self._meta(request.scaledObjectRef)
+            metric, _, _, model = self._meta(request.scaledObjectRef)
         except (LookupError, _BadMetadata) as exc:
             await self._abort(context, exc)
-        v = self.value(metric)
-        name = request.metricName or self.metric_name(metric)
+        v = self.value(metric, model)
+        name = request.metricName or self.metric_name(metric, model)
         return self.pb2.GetMetricsResponse(
             metricValues=[self.pb2.MetricValue(metricName=name, metricValue=v, metricValueFloat=float(v))]
         )
