@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp import web
 
 from epp.datalayer.datastore import CatalogueModel, Datastore
 from epp.framework import errors
@@ -39,7 +41,7 @@ from epp.placement.client import CallResult, PodClient
 from epp.placement.config import PlacementConfig
 from epp.placement.fleet import Copy, Fleet, ModelState
 from epp.placement.metrics import PlacementMetrics
-from epp.placement.peers import Ownership, PeerUnreachable, ask_owner
+from epp.placement.peers import Ownership, PeerUnreachable, ask_owner, peer_app
 from epp.placement.policy import EVICTED, Action, Load, choose_pod, loadable, plan
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class ModelPlacement:
     ownership: Ownership = field(default_factory=Ownership)
     metrics: PlacementMetrics | None = None
     clock: Callable[[], float] = time.monotonic
+    #: address the peer API listens on (port: that of ``ownership.self_url``), with peers
+    peer_bind: str = "0.0.0.0"
     fleet: Fleet = field(default_factory=Fleet)
     models: dict[str, ModelState] = field(default_factory=dict)
     #: requests held for a load right now, all models (counted as queued pool demand)
@@ -75,6 +79,7 @@ class ModelPlacement:
     _catalogue: dict[str, CatalogueModel] = field(default_factory=dict)
     _catalogue_src: tuple[object, object] = (None, None)
     _base: dict[str, CatalogueModel] = field(default_factory=dict)
+    _peer_runner: web.AppRunner | None = None
 
     def __post_init__(self) -> None:
         self._base = self.cfg.catalogue()
@@ -88,6 +93,16 @@ class ModelPlacement:
         self.datastore.add_listener(self._endpoints_changed)
         self._spawn(self._poll_loop())
         self._spawn(self._reconcile_loop())
+        me = self.ownership.self_url
+        if self.ownership.peers and me is not None and self._peer_runner is None:
+            runner = web.AppRunner(peer_app(self.ensure_for_peer, self.state), access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, self.peer_bind, urlsplit(me).port).start()
+            except OSError:
+                await runner.cleanup()
+                raise
+            self._peer_runner = runner
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -96,6 +111,9 @@ class ModelPlacement:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._peer_runner is not None:
+            await self._peer_runner.cleanup()
+            self._peer_runner = None
         if self._session is not None:
             await self._session.close()
             self._session = None
