@@ -30,7 +30,7 @@ from epp.flowcontrol.legacy import LegacyAdmission
 from epp.framework import errors
 from epp.framework.datalayer import Endpoint
 from epp.framework.errors import RequestError
-from epp.framework.requestcontrol import Admission, Parser, PreRequest, ResponseComplete, ResponseInfo
+from epp.framework.requestcontrol import Admission, Parser, Placement, PreRequest, ResponseComplete, ResponseInfo
 from epp.framework.scheduling import LLMRequest, SchedulingError, SchedulingResult
 from epp.metrics import EppMetrics, ModelSeries, ModelSeriesCache
 from epp.plugins.requestcontrol.openai_parser import OpenAIParser
@@ -87,6 +87,7 @@ class RequestContext:
     series: ModelSeries | None = None  # metric children for this request's (model, target)
     admitted: bool = False  # admission.admit returned: admission.release is owed
     running: bool = False  # counted in the running-requests gauge
+    placed: bool = False  # placement.ensure returned: placement.release is owed
 
 
 def estimate_prompt_tokens(prefix_text_len: int) -> int:
@@ -110,6 +111,8 @@ class Director:
     #: while a fresh endpoint exists); ``--metrics-staleness-threshold``
     staleness: float = 2.0
     rng: random.Random = field(default_factory=random.Random)
+    #: model placement (``--model-placement``): the model loaded somewhere before admission
+    placement: Placement | None = None
     _series: ModelSeriesCache | None = None
     _served: dict[tuple[str, bool], Any] = field(default_factory=dict)
     _labels: ModelLabels | None = None
@@ -147,6 +150,8 @@ class Director:
         now = time.monotonic()
         staleness = self.staleness
         fresh = [e for e in found if e.is_fresh(now, staleness)]
+        if ctx.placed and self.placement is not None and ctx.request is not None:  # pods holding the model
+            return self.placement.candidates(ctx.request, fresh if fresh else found)
         return fresh if fresh else found
 
     def route_headers_only(self, ctx: RequestContext) -> RoutingDecision:
@@ -207,6 +212,9 @@ class Director:
             if metrics is not None and rule is not None:
                 metrics.model_rewrite_decisions.labels(rule.source, model_label, target_label).inc()
         try:
+            if self.placement is not None:
+                await self.placement.ensure(req)  # may hold the request while its model loads
+                ctx.placed = True
             candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
             ctx.admitted = True
             try:
@@ -222,6 +230,8 @@ class Director:
         targets = result.targets
         primary = targets[0]
         ctx.endpoint = primary
+        if ctx.placed and self.placement is not None:
+            self.placement.routed(req, primary)
         ctx.inflight_tokens = req.estimated_prompt_tokens + (req.max_tokens or 0)
         primary.inflight += 1
         primary.inflight_tokens += ctx.inflight_tokens
@@ -292,6 +302,8 @@ class Director:
             return
         if ctx.admitted:
             self.admission.release(req, info)
+        if ctx.placed and self.placement is not None:
+            self.placement.release(req, ep)
         s = ctx.series
         if 200 <= info.status < 300 and ep is not None and self._labels is not None:
             self._labels.observe_served(req.target_model)

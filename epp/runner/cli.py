@@ -22,6 +22,7 @@ from epp.config.loader import ConfigError
 from epp.discovery.base import Discovery
 from epp.framework.plugin import parse_duration
 from epp.runner.logs import setup_logging
+from epp.runner.placement import add_placement_arguments, placement_options
 from epp.runner.server import PickerServer, ServeOptions
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fc.add_argument("--keda-scaler-port", type=int, default=-1,
                     help="serve the KEDA external scaler gRPC API on this port (manifests use 9004); "
                          "off unless given")
+    add_placement_arguments(p)
     cfg = p.add_argument_group("configuration")
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
@@ -201,6 +203,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_request_body_bytes=args.max_request_body_bytes,
         empty_pool_wait=args.empty_pool_wait,
         keda_scaler_port=args.keda_scaler_port,
+        **placement_options(args),
     )
 
 

@@ -31,9 +31,11 @@ from epp.flowcontrol.keda import KedaScaler, start_scaler_server
 from epp.framework.plugin import Lifecycle, Plugin, PluginContext
 from epp.handlers.extproc import ExtProcServicer
 from epp.metrics import EppMetrics
+from epp.placement import DemandWithHeld, ModelPlacement, PlacementConfig
 from epp.requestcontrol.director import Director
 from epp.runner import tls
 from epp.runner.admission import build_admission
+from epp.runner.placement import build_placement
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
@@ -72,6 +74,9 @@ class ServeOptions:
     keda_scaler_port: int = -1
     #: active-passive HA (``--ha-enable-leader-election``): ready only while leader
     leader_election: LeaderElector | None = None
+    #: model placement (``--model-placement``; None: off) and this replica's peer URL
+    placement: PlacementConfig | None = None
+    placement_self: str | None = None
 
 
 @dataclass(slots=True)
@@ -93,6 +98,7 @@ class PickerServer:
     _ready: bool = False
     _admission: Any = None  # epp.runner.admission.AdmissionSetup
     _keda_server: grpc.aio.Server | None = None
+    _placement: ModelPlacement | None = None
 
     async def start(self) -> None:
         opts = self.options
@@ -104,6 +110,8 @@ class PickerServer:
         bundle = build_scheduling(cfg, ctx)
         self._plugins = dict(bundle.plugins)
         self._admission = build_admission(cfg, bundle, ctx, self.datastore, self.metrics, opts.empty_pool_wait)
+        self._placement = build_placement(opts.placement, opts.placement_self, opts.bind_address,
+                                          self.datastore, self.metrics, opts.leader_election)
         self.director = Director(
             datastore=self.datastore,
             scheduler=bundle.scheduler,
@@ -116,6 +124,7 @@ class PickerServer:
             disable_subset_filter=opts.disable_endpoint_subset_filter,
             staleness=opts.metrics_staleness_threshold,
             rng=random.Random(opts.seed),
+            placement=self._placement,
         )
 
         # One gRPC server for both ports: a second grpc.aio server in the process costs ~10 %
@@ -174,6 +183,8 @@ class PickerServer:
             staleness=opts.metrics_staleness_threshold,
         )
         await self._pool_metrics.start()
+        if self._placement is not None:
+            await self._placement.start()
         if self._admission.controller is not None:
             await self._admission.controller.start()
         await self._start_keda()
@@ -198,6 +209,8 @@ class PickerServer:
     async def _start_keda(self) -> None:
         """Demand gauges (for KEDA's prometheus trigger) and the KEDA external scaler."""
         demand = self._admission.demand
+        if self._placement is not None:  # requests held for a load are pool demand too
+            demand = DemandWithHeld(demand, self._placement)
         pool = self.datastore.pool.name
         self.metrics.fc_demand.labels(pool, "queued").set_function(lambda: demand.queued)
         self.metrics.fc_demand.labels(pool, "inflight").set_function(lambda: demand.inflight)
@@ -206,7 +219,7 @@ class PickerServer:
         if port < 0:
             return
         try:
-            scaler = KedaScaler(demand, lambda: self.datastore.pool.name)
+            scaler = KedaScaler(demand, lambda: self.datastore.pool.name, models=self._placement)
             self._keda_server, self.bound_ports["keda"] = await start_scaler_server(scaler, opts.bind_address, port)
         except (RuntimeError, OSError) as exc:
             raise OSError(f"--keda-scaler-port {port}: {exc}") from None
@@ -249,6 +262,8 @@ class PickerServer:
         steps.append(("discovery", self.options.discovery.stop()))
         if self._scraper is not None:
             steps.append(("metrics scraper", self._scraper.stop()))
+        if self._placement is not None:
+            steps.append(("model placement", self._placement.close()))
         if self._pool_metrics is not None:
             steps.append(("pool metrics", self._pool_metrics.stop()))
         if self._http is not None:
