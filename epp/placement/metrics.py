@@ -11,7 +11,7 @@ pods report (both bounded by what an operator deployed), never a client's free t
   idle, scale_down, evicted; outcome)
 * ``inference_extension_model_load_duration_seconds`` (histogram; inference_pool)
 * ``inference_extension_model_held_requests`` (gauge; inference_pool, model_name)
-* ``inference_extension_model_held_requests_total`` (counter; inference_pool, model_name,
+* ``inference_extension_model_holds_total`` (counter; inference_pool, model_name,
   outcome: loaded, timeout, failed)
 * ``inference_extension_model_not_found_total`` (counter; inference_pool)
 * ``epp_model_demand_requests`` (gauge; inference_pool, model_name, state: held, inflight)
@@ -47,7 +47,7 @@ class PlacementMetrics:
         self.held = Gauge("inference_extension_model_held_requests",
                           "Requests waiting for their model to be loaded somewhere.",
                           ("inference_pool", "model_name"), registry=r)
-        self.held_total = Counter("inference_extension_model_held_requests_total",
+        self.held_total = Counter("inference_extension_model_holds_total",
                                   "Requests that waited for a load, by how the wait ended.",
                                   ("inference_pool", "model_name", "outcome"), registry=r)
         self.not_found = Counter("inference_extension_model_not_found_total",
