@@ -246,6 +246,9 @@ def build_bootstrap(spec: EnvoySpec) -> bootstrap.Bootstrap:
         codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
         route_config=route.RouteConfiguration(name="local", virtual_hosts=[vhost]),
         http_filters=filters,
+        # HTTP/1.0 clients (old tools, some load balancers' probes) are answered, not refused
+        # with 426; one without a Host header is routed as if it had sent this one.
+        http_protocol_options=core.Http1ProtocolOptions(accept_http_10=True, default_host_for_http_10="epp"),
     )
     if spec.access_log:
         fmt = core.SubstitutionFormatString(text_format_source=core.DataSource(inline_string=ACCESS_LOG_FORMAT))

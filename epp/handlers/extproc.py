@@ -13,9 +13,11 @@ announces in ``protocol_config`` on the first message (envoy_extproc.md §3):
 * NONE / STREAMED request body, or a request with no body: route on the headers alone.
 
 Trailers end a body in every mode: request trailers after DATA route the request with the
-body received so far (FULL_DUPLEX: body chunks without ``end_of_stream``, then the trailers
-answer; BUFFERED: the one body message is the whole body whatever its ``end_of_stream``);
-response trailers flush a buffered JSON body and a partial last SSE line.
+body received so far (FULL_DUPLEX: one ``CONTINUE_AND_REPLACE`` headers answer carrying the
+pick and the body, see ``messages.routed_replace_response``; BUFFERED: the one body message
+is the whole body whatever its ``end_of_stream``); response trailers flush a buffered JSON
+body and a partial last SSE line (as chunks without ``end_of_stream``, then the trailers
+answer).
 
 One stream carries exactly one request, in order: request headers → request body →
 request trailers → response headers → response body → response trailers (each optional as
@@ -127,8 +129,8 @@ def _over_tls(context: grpc.aio.ServicerContext) -> bool:
     return context.auth_context().get("transport_security_type") == [b"ssl"]
 
 
-def _routed(decision: RoutingDecision, mode: int, more: bool) -> list[pb.ProcessingResponse]:
-    """The answers that carry a pick made on the whole body (``more``: trailers follow)."""
+def _routed(decision: RoutingDecision, mode: int, trailers: bool) -> list[pb.ProcessingResponse]:
+    """The answers that carry a pick made on the whole body (``trailers``: they ended it)."""
     set_headers = {DESTINATION_HEADER: decision.destination, **decision.set_headers}
     out_body = decision.body if decision.body is not None else b""
     if decision.body_mutated:
@@ -142,8 +144,11 @@ def _routed(decision: RoutingDecision, mode: int, more: bool) -> list[pb.Process
                 decision.remove_headers,
             )
         ]
+    if trailers:
+        return [msgs.routed_replace_response(decision.destination, set_headers, bytes(out_body),
+                                             decision.remove_headers)]
     out = [msgs.routed_headers_response(decision.destination, set_headers, decision.remove_headers)]
-    out.extend(msgs.streamed_body_responses(out_body, request=True, end_of_stream=not more))
+    out.extend(msgs.streamed_body_responses(out_body, request=True))
     return out
 
 
@@ -292,8 +297,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     if (req != _BODY and req != _TRAILERS) or ctx is None:
                         raise ProtocolError(kind, "request trailers outside an open request")
                     if req == _BODY and req_mode == FULL_DUPLEX:
-                        # Trailers end the body: route on what came, forward it, then answer
-                        # the trailers (Envoy continues the stream with them).
+                        # Trailers end the body: route on what came and hand Envoy the pick and
+                        # the body in one answer (which also answers these trailers).
                         req = _DONE
                         try:
                             decision = await director.route(ctx, body)
@@ -306,7 +311,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         body = bytearray()
                         for out in _routed(decision, req_mode, True):
                             yield out
-                    elif req == _BODY and req_mode == BUFFERED:
+                        continue
+                    if req == _BODY and req_mode == BUFFERED:
                         # No body message came: the pick could only ride on a body answer.
                         answered = True
                         director.complete(ctx)

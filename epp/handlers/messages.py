@@ -63,6 +63,21 @@ def routed_headers_response(
     )
 
 
+def routed_replace_response(
+    destination: str, set_headers: Mapping[str, str], body: bytes, remove: tuple[str, ...] = ()
+) -> pb.ProcessingResponse:
+    """FULL_DUPLEX request whose body was ended by trailers: the pick and the whole body in
+    one ``CONTINUE_AND_REPLACE`` headers answer. Envoy 1.40 forwards body chunks injected
+    before the trailers answer twice (the upstream got the body doubled), while a replaced
+    body goes out once, followed by the trailers; the request side then needs no more answers
+    (Envoy stops processing it, the pending trailers message included)."""
+    resp = routed_headers_response(destination, set_headers, remove)
+    common = resp.request_headers.response
+    common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
+    common.body_mutation.body = body
+    return resp
+
+
 def routed_buffered_body_response(
     destination: str, set_headers: Mapping[str, str], body: bytes | None, remove: tuple[str, ...] = ()
 ) -> pb.ProcessingResponse:

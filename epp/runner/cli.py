@@ -83,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--health-checking", type=_bool, nargs="?", const=True, default=False,
                      help="accepted for GIE compatibility: health is always served on both ports")
     srv.add_argument("--max-request-body-bytes", type=_size, default=10 * 1024 * 1024,
-                     help="larger request bodies get 400")
+                     help="larger request bodies are refused with HTTP 413 and a JSON error body "
+                          "(bytes, or a size such as 10Mi)")
     srv.add_argument("--disable-endpoint-subset-filter", type=_bool, nargs="?", const=True, default=False,
                      help="ignore the gateway's subset hint")
     ha = p.add_argument_group("high availability (Kubernetes)")
