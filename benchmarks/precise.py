@@ -48,6 +48,7 @@ plugins:
 - type: precise-prefix-cache-scorer
   parameters:
     kvEventsPortOffsetFromServingPort: {offset}
+    tokenizer: builtin   # simulated pods
 schedulingProfiles:
 - name: default
   plugins:

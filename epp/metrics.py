@@ -151,6 +151,23 @@ class EppMetrics:
             registry=r)
         self.kv_event_subscribers = Gauge(
             "epp_kv_event_subscribers", "Endpoints with a KV-event subscription.", registry=r)
+        # precise index recovery and tokenization (issue 12; docs/precise-prefix.md)
+        self.kv_events_orphans = Counter(
+            "epp_kv_events_orphan_blocks_total",
+            "Stored blocks whose parent the precise index did not know, by outcome: anchored "
+            "(re-keyed from a routed request, engine hashes verified), anchored_unverified, dropped "
+            "(never anchored).", ("outcome",), registry=r)
+        self.kv_events_orphans_pending = Gauge(
+            "epp_kv_events_orphan_blocks_pending", "Orphan blocks waiting for a request to anchor them.",
+            registry=r)
+        self.precise_tokenizer_checks = Counter(
+            "epp_precise_prefix_tokenizer_checks_total",
+            "Picks whose first block the engine reported under the picker's key (match) or not "
+            "(mismatch: the picker's tokenizer is not the engine's).", ("outcome",), registry=r)
+        self.precise_tokenizations = Counter(
+            "epp_precise_prefix_tokenizations_total",
+            "Request tokenizations for the precise scorer, by outcome: cached, encoded (worker "
+            "pool), server (model server /tokenize), failed, overloaded, skipped.", ("outcome",), registry=r)
         # --- flow control (GIE names, gie.md §6; epp/flowcontrol) ---
         _FC = ("fairness_id", "priority", "inference_pool", *_M)
         self.fc_queue_duration = Histogram(

@@ -42,6 +42,16 @@ class Parser(Plugin):
     def parse(self, raw: bytes | bytearray, path: str) -> ParsedBody: ...
 
 
+class PrepareRequest(Plugin):
+    """Runs once per request before admission and scheduling, and may await (GIE's
+    PrepareData step): work too slow for the synchronous scheduling hooks, e.g. tokenizing
+    the prompt on a worker thread or asking the model server. Must not raise for bad input
+    (leave the request unprepared; the scheduling plugins then decide without it)."""
+
+    @abstractmethod
+    async def prepare_request(self, request: LLMRequest) -> None: ...
+
+
 class PreRequest(Plugin):
     """Runs after scheduling, before the request is forwarded (learn the pick, add headers)."""
 

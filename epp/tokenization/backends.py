@@ -44,6 +44,8 @@ class TokenizerBackend(Protocol):
 
 class BuiltinBackend:
     name = "builtin"
+    #: pure Python: encoding on a worker thread would only contend for the GIL
+    releases_gil = False
 
     def __init__(self) -> None:
         self._tok = BuiltinTokenizer()
@@ -97,6 +99,9 @@ def _vllm_message(m: Any) -> dict[str, Any]:
 
 
 class HFBackend:
+    #: ``tokenizers`` encodes in Rust with the GIL released: worth a worker thread
+    releases_gil = True
+
     def __init__(self, directory: str) -> None:
         try:
             from tokenizers import Tokenizer  # optional dependency

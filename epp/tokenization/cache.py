@@ -36,6 +36,26 @@ class CacheStats:
 
 
 @dataclass(slots=True)
+class EncodePlan:
+    """The pieces of one encoding: ``parts`` are cached ids, or an index into ``missing``."""
+
+    parts: list[list[int] | int] = field(default_factory=list)
+    #: (text, add_special_tokens) still to encode
+    missing: list[tuple[str, bool]] = field(default_factory=list)
+    #: cache key per missing piece (None: not cached, e.g. a text's unanchored tail)
+    store: list[int | None] = field(default_factory=list)
+
+    def add_missing(self, text: str, special: bool, key: int | None) -> None:
+        self.parts.append(len(self.missing))
+        self.missing.append((text, special))
+        self.store.append(key)
+
+    @property
+    def chars(self) -> int:
+        return sum(len(t) for t, _ in self.missing)
+
+
+@dataclass(slots=True)
 class PrefixTokenCache:
     backend: TokenizerBackend
     max_segments: int = 8192
@@ -70,26 +90,51 @@ class PrefixTokenCache:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Same ids as ``backend.encode(text, add_special_tokens)``, reusing cached prefixes."""
+        plan = self.plan(text, add_special_tokens)
+        if not plan.missing:
+            return self.finish(plan, [])
+        encode = self.backend.encode
+        return self.finish(plan, [encode(t, special) for t, special in plan.missing])
+
+    def plan(self, text: str, add_special_tokens: bool) -> EncodePlan:
+        """What ``encode`` needs: cached ids, and the pieces still to encode. Splitting the
+        two lets the caller run the encoding elsewhere (a worker thread) and ``finish`` on the
+        event loop, which owns the cache."""
+        plan = EncodePlan()
         if add_special_tokens:
             prefix = self.backend.special_prefix()
             if prefix is None or not self.segmenting:
-                return self._whole(text, True)
-            return prefix + self._encode_plain(text)
+                self._whole(plan, text, True)
+                return plan
+            plan.parts.append(prefix)
+            self._plain(plan, text)
+            return plan
         if not self.segmenting:
-            return self._whole(text, False)
-        return self._encode_plain(text)
+            self._whole(plan, text, False)
+        else:
+            self._plain(plan, text)
+        return plan
 
-    def _whole(self, text: str, special: bool) -> list[int]:
+    def finish(self, plan: EncodePlan, encoded: list[list[int]]) -> list[int]:
+        """The ids, given the encodings of ``plan.missing`` (in order); caches them."""
+        for key, ids in zip(plan.store, encoded, strict=True):
+            if key is not None:
+                self._store(key, ids)
+        out: list[int] = []
+        for part in plan.parts:
+            out.extend(encoded[part] if isinstance(part, int) else part)
+        return out
+
+    def _whole(self, plan: EncodePlan, text: str, special: bool) -> None:
         key = xxh64_intdigest(text.encode("utf-8", "surrogatepass"), seed=1 if special else 2)
         cached = self._segments.get(key)
         if cached is not None:
             self._segments.move_to_end(key)
             self.stats.hits += 1
-            return list(cached)
-        ids = self.backend.encode(text, special)
+            plan.parts.append(cached)
+            return
         self.stats.misses += 1
-        self._store(key, ids)
-        return list(ids)
+        plan.add_missing(text, special, key)
 
     def _store(self, key: int, ids: list[int]) -> None:
         segs = self._segments
@@ -97,26 +142,29 @@ class PrefixTokenCache:
         if len(segs) > self.max_segments:
             segs.popitem(last=False)
 
-    def _encode_plain(self, text: str, store: bool = True) -> list[int]:
+    def _plain(self, plan: EncodePlan, text: str) -> None:
         segs = self._segments
-        out: list[int] = []
         start = 0
         h = 0
-        encode = self.backend.encode
         for end in self.anchors(text):
             piece = text[start:end]
             h = xxh64_intdigest(piece.encode("utf-8", "surrogatepass"), seed=h)
             ids = segs.get(h)
             if ids is None:
-                ids = encode(piece, False)
                 self.stats.misses += 1
-                if store:
-                    self._store(h, ids)
+                plan.add_missing(piece, False, h)
             else:
                 segs.move_to_end(h)
                 self.stats.hits += 1
-            out.extend(ids)
+                plan.parts.append(ids)
             start = end
         if start < len(text):
-            out.extend(encode(text[start:], False))
-        return out
+            plan.add_missing(text[start:], False, None)
+
+    def _encode_plain(self, text: str, store: bool = True) -> list[int]:
+        plan = EncodePlan()
+        self._plain(plan, text)
+        if not store:
+            plan.store = [None] * len(plan.store)
+        encode = self.backend.encode
+        return self.finish(plan, [encode(t, special) for t, special in plan.missing])

@@ -107,6 +107,7 @@ def make_scorer(endpoints: list[Endpoint], **params: Any) -> tuple[PrecisePrefix
     ds = Datastore()
     ds.replace_endpoints(endpoints)
     metrics = EppMetrics()
+    params.setdefault("tokenizer", "builtin")  # simulated pods
     p = PrecisePrefixParams.model_validate(params)
     scorer = PrecisePrefixCacheScorer.from_config("precise", p, PluginContext(ds, metrics))
     return scorer, ds, metrics

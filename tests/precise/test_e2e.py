@@ -36,6 +36,7 @@ plugins:
   parameters:
     kvEventsPortOffsetFromServingPort: {offset}
     kvEventsReplayPortOffsetFromServingPort: {replay_offset}
+    tokenizer: builtin   # simulated pods
     speculativeTTL: 2s
 schedulingProfiles:
 - name: default

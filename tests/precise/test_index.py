@@ -64,11 +64,17 @@ def test_speculative_entries_expire_and_yield_to_evictions() -> None:
     assert idx.match(keys, now=200.5) == {}
 
 
-def test_memory_bound_evicts_oldest_keys_and_their_engine_mappings() -> None:
-    idx = KVBlockIndex(max_keys=4)
-    idx.apply("a", [stored([1, 2, 3, 4, 5, 6], TOKENS)])
-    assert idx.keys_count == 4 and idx.entries == 4 and idx.stats.evicted == 2
-    assert idx.engine_hashes("a") == {3, 4, 5, 6}
+def test_memory_bound_drops_the_largest_endpoint() -> None:
+    # no engine holds more blocks than its cache: an index over the bound has missed removals,
+    # and the endpoint with the most entries is the one to distrust
+    idx = KVBlockIndex(max_entries=6)
+    idx.apply("a", [stored([1, 2, 3, 4], TOKENS[:16])])
+    idx.apply("b", [stored([1, 2], TOKENS[:8])])
+    assert idx.entries == 6 and idx.stats.overflows == 0
+    idx.apply("b", [stored([3], TOKENS[8:12], parent=2)])
+    assert idx.stats.overflows == 1 and idx.entries == 3
+    assert idx.engine_hashes("a") == set() and idx.engine_hashes("b") == {1, 2, 3}
+    assert idx.match(block_keys(TOKENS, BS)) == {"b": 3.0}
 
 
 def test_clear_and_remove_endpoint() -> None:

@@ -54,7 +54,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_builtin_matches_the_simulator() -> None:
-    rt = RequestTokenizer.build()
+    rt = RequestTokenizer.build("builtin")
     sim = BuiltinTokenizer()
     rng = random.Random(0)
     for _ in range(30):

@@ -13,28 +13,39 @@ and ``BlockRemoved`` (engine hashes only) is resolved through the same map (llm-
 design). A block may sit in several tiers (``medium`` GPU / CPU …) of one endpoint; it counts
 with the best tier's weight.
 
+A stored block whose parent is unknown (an *orphan*: the picker started late, or resynced)
+is handed to ``OrphanRecovery``, which re-anchors it from the requests the picker routed.
+
+Memory (``benchmarks/precise_index.py``): endpoints are interned to small indices and both
+maps are flat arrays (``table.U64Map``, ``owners.OwnerTable``), about 40-90 bytes per
+(block, endpoint) entry instead of ~430 with dicts of ints. ``max_entries`` bounds the total;
+an engine cannot hold more blocks than its cache, so an endpoint that pushes the index over
+the bound has a stream the index cannot trust, and the largest endpoint is dropped (resync).
+
 Speculative entries close the gap between a pick and the engine's events: the scorer inserts
 the request's keys for the chosen endpoint with a short TTL so a burst of requests sharing a
 prefix sticks before ``BlockStored`` arrives. A ``BlockRemoved`` for the block drops the
 speculative entry too, so an eviction is never masked by a guess.
 
-Memory is bounded by ``max_keys`` distinct block keys (LRU on insertion). Everything here is
-synchronous and runs on the event loop: event handling from the subscribers' tasks, matching
-from the scheduler.
+Everything here is synchronous and runs on the event loop: event handling from the
+subscribers' tasks, matching from the scheduler.
 """
 
 from __future__ import annotations
 
-from array import array
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from xxhash import xxh64_intdigest
-
 from epp.datalayer.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from epp.datalayer.kvevents.keys import block_keys, root_key
+from epp.datalayer.kvevents.owners import MAX_ENDPOINTS, OwnerTable
+from epp.datalayer.kvevents.recovery import OrphanRecovery
+from epp.datalayer.kvevents.table import U64Map
+
+__all__ = ["DEFAULT_MEDIUM_WEIGHTS", "IndexStats", "KVBlockIndex", "block_keys", "root_key"]
 
 if TYPE_CHECKING:
     from epp.metrics import EppMetrics
@@ -43,51 +54,17 @@ DEFAULT_MEDIUM = "GPU"
 DEFAULT_MEDIUM_WEIGHTS: Mapping[str, float] = {"GPU": 1.0, "CPU": 0.8}
 #: weight of a medium not listed in the configured weights
 UNKNOWN_MEDIUM_WEIGHT = 0.5
-
-
-def root_key(namespace: str) -> int:
-    return xxh64_intdigest(namespace.encode())
-
-
-def _token_bytes(tokens: Sequence[int]) -> bytes:
-    try:
-        return array("I", tokens).tobytes()
-    except (OverflowError, TypeError):  # a negative / huge id: keep the low 32 bits
-        return array("I", (t & 0xFFFFFFFF for t in tokens)).tobytes()
-
-
-def block_keys(tokens: Sequence[int], block_size: int, namespace: str = "", max_blocks: int | None = None,
-               parent: int | None = None, extras: Sequence[str | None] = ()) -> list[int]:
-    """Chained keys of the full blocks of ``tokens`` (a trailing partial block is dropped,
-    as the engine only caches full blocks). ``extras[i]`` (e.g. a request's ``cache_salt``
-    on block 0) is mixed into block i's key, as the engine mixes it into its hash."""
-    n = len(tokens) // block_size
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    if n <= 0:
-        return []
-    data = _token_bytes(tokens[: n * block_size])
-    step = block_size * 4
-    prev = root_key(namespace) if parent is None else parent
-    xxh = xxh64_intdigest
-    out: list[int] = []
-    append = out.append
-    for i, off in enumerate(range(0, n * step, step)):
-        extra = extras[i] if i < len(extras) else None
-        if extra is None:
-            prev = xxh(data[off : off + step] + prev.to_bytes(8, "little"))
-        else:
-            prev = xxh(data[off : off + step] + prev.to_bytes(8, "little") + b"\x00" + extra.encode())
-        append(prev)
-    return out
+#: engine-map tag of a block held without a known engine hash (an unverified re-anchor)
+HASHLESS_TAG = 0x5EED_0F_A11_0F_B10C
 
 
 @dataclass(slots=True)
 class _PodState:
-    #: engine hash → key
-    engine: dict[int, int] = field(default_factory=dict)
-    #: key → engine hash (to clean ``engine`` when the key leaves)
-    keys: dict[int, int] = field(default_factory=dict)
+    idx: int
+    #: engine hash → key (uint64 both)
+    engine: U64Map = field(default_factory=lambda: U64Map(signed=False))
+    #: keys held under more than one engine hash → extra count (rare: hash inputs the key lacks)
+    aliases: dict[int, int] = field(default_factory=dict)
     block_size: int = 0
     #: the base model named by the pod's topic (``kv@<pod>@<model>``), when known
     model: str | None = None
@@ -98,35 +75,47 @@ class IndexStats:
     stored: int = 0
     removed: int = 0
     cleared: int = 0
-    orphans: int = 0  # stored blocks whose parent the index does not know (missed events)
-    evicted: int = 0  # keys dropped by the memory bound
+    orphans: int = 0  # blocks of stored events whose parent the index did not know
+    anchored: int = 0  # orphan blocks (and their prefixes) re-keyed with verified engine hashes
+    anchored_unverified: int = 0  # ... re-keyed without a reproducible engine hash
+    orphans_dropped: int = 0  # orphan blocks never anchored (expired / overflow)
+    overflows: int = 0  # endpoints dropped because the index went over max_entries
 
 
 @dataclass(slots=True)
 class KVBlockIndex:
-    max_keys: int = 1_000_000
+    #: bound on (block, endpoint) entries
+    max_entries: int = 4_000_000
     medium_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MEDIUM_WEIGHTS))
     metrics: EppMetrics | None = None
-    #: key → {endpoint key: tier bit mask}; insertion order = LRU order
-    _blocks: OrderedDict[int, dict[str, int]] = field(default_factory=OrderedDict)
+    #: PYTHONHASHSEED of the engines, if set (their hash chain root depends on it)
+    engine_hash_seed: str | None = None
+    _owners: OwnerTable = field(default_factory=OwnerTable)
     _pods: dict[str, _PodState] = field(default_factory=dict)
-    _medium_bits: dict[str, int] = field(default_factory=dict)
+    _names: list[str] = field(default_factory=list)  # endpoint index → name
+    _free_idx: list[int] = field(default_factory=list)
+    _medium_bits: dict[str, int] = field(default_factory=lambda: {"GPU": 1, "CPU": 2})
     _mask_weight: dict[int, float] = field(default_factory=dict)
-    _entries: int = 0
-    #: key → {endpoint key: expiry (monotonic)}
+    #: key → {endpoint: expiry (monotonic)}
     _spec: dict[int, dict[str, float]] = field(default_factory=dict)
     _spec_queue: deque[tuple[float, str, list[int]]] = field(default_factory=deque)
     _spec_count: int = 0
     #: LoRA adapter names seen in events (a request for one of them uses its namespace)
     adapters: set[str] = field(default_factory=set)
     stats: IndexStats = field(default_factory=IndexStats)
+    recovery: OrphanRecovery = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recovery = OrphanRecovery(self, self.engine_hash_seed)
 
     # ------------------------------------------------------------------ tiers
     def _bit(self, medium: str | None) -> int:
         m = (medium or DEFAULT_MEDIUM).upper()
         bit = self._medium_bits.get(m)
         if bit is None:
-            bit = self._medium_bits[m] = 1 << len(self._medium_bits)
+            # four bits per owner: GPU, CPU and two more mediums; later ones share the last
+            bit = 1 << min(len(self._medium_bits), 3)
+            self._medium_bits[m] = bit
             self._mask_weight.clear()
         return bit
 
@@ -141,48 +130,61 @@ class KVBlockIndex:
             self._mask_weight[mask] = w
         return w
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ endpoints
     def pod(self, endpoint: str) -> _PodState:
         ps = self._pods.get(endpoint)
         if ps is None:
-            ps = self._pods[endpoint] = _PodState()
+            if self._free_idx:
+                idx = self._free_idx.pop()
+                self._names[idx] = endpoint
+            else:
+                idx = len(self._names)
+                if idx >= MAX_ENDPOINTS:
+                    raise OverflowError(f"more than {MAX_ENDPOINTS} endpoints in the precise index")
+                self._names.append(endpoint)
+            ps = self._pods[endpoint] = _PodState(idx)
         return ps
 
     def set_pod_model(self, endpoint: str, model: str | None) -> None:
         if model:
             self.pod(endpoint).model = model
 
+    # ------------------------------------------------------------------ events
     def apply(self, endpoint: str, events: Iterable[KVEvent]) -> None:
         """Apply one batch of an endpoint's events, in order."""
         ps = self.pod(endpoint)
         for ev in events:
             if isinstance(ev, BlockStored):
-                self._stored(endpoint, ps, ev)
+                if not self._stored(endpoint, ps, ev):
+                    self.stats.orphans += len(ev.block_hashes)
+                    self.recovery.on_orphan(endpoint, ev)
             elif isinstance(ev, BlockRemoved):
                 self._removed(endpoint, ps, ev)
             elif isinstance(ev, AllBlocksCleared):
                 self.stats.cleared += 1
                 self._clear_pod(endpoint, ps)
+        if self._owners.entries > self.max_entries:
+            self._overflow()
         self._report()
 
-    def _stored(self, endpoint: str, ps: _PodState, ev: BlockStored) -> None:
+    def _stored(self, endpoint: str, ps: _PodState, ev: BlockStored) -> bool:
+        """Apply a BlockStored; False when it is an orphan (parent unknown)."""
         if ev.group_idx:
-            return  # only the first KV-cache group (full attention) decides prefix hits
+            return True  # only the first KV-cache group (full attention) decides prefix hits
         bit = self._bit(ev.medium)
         if not ev.token_ids:
             # a tier copy of blocks the index already knows (e.g. offload to CPU)
             for h in ev.block_hashes:
                 key = ps.engine.get(h)
                 if key is not None:
-                    self._add(endpoint, ps, key, h, bit)
-            return
+                    self._add(ps, key, h, bit)
+            return True
         if ev.parent_block_hash is None:
             parent = None
         else:
             parent = ps.engine.get(ev.parent_block_hash)
             if parent is None:
-                self.stats.orphans += len(ev.block_hashes)
-                return
+                return False
         bs = ev.block_size
         ps.block_size = bs
         namespace = ev.lora_name or ""
@@ -190,79 +192,92 @@ class KVBlockIndex:
             self.adapters.add(ev.lora_name)
         keys = block_keys(ev.token_ids, bs, namespace, len(ev.block_hashes), parent, ev.extras)
         for h, key in zip(ev.block_hashes, keys, strict=False):
-            self._add(endpoint, ps, key, h, bit)
+            self._add(ps, key, h, bit)
         self.stats.stored += len(keys)
+        return True
 
-    def _add(self, endpoint: str, ps: _PodState, key: int, engine_hash: int, bit: int) -> None:
-        blocks = self._blocks
-        owners = blocks.get(key)
-        if owners is None:
-            owners = blocks[key] = {}
-            if len(blocks) > self.max_keys:
-                self._evict_oldest()
-        else:
-            blocks.move_to_end(key)
-        old = owners.get(endpoint)
-        if old is None:
-            owners[endpoint] = bit
-            self._entries += 1
-        else:
-            owners[endpoint] = old | bit
-        prev_hash = ps.keys.get(key)
-        if prev_hash is not None and prev_hash != engine_hash:
-            ps.engine.pop(prev_hash, None)
-        ps.keys[key] = engine_hash
-        ps.engine[engine_hash] = key
+    def _add(self, ps: _PodState, key: int, engine_hash: int, bit: int) -> None:
+        prev = self._owners.add_bit(key, ps.idx, bit)
+        engine = ps.engine
+        mapped = engine.put_new(engine_hash, key)
+        if mapped is None:
+            if prev:  # already held under another engine hash (or none: an unverified re-anchor)
+                hashless = key ^ HASHLESS_TAG
+                if engine.get(hashless) == key:
+                    engine.pop(hashless)
+                else:
+                    ps.aliases[key] = ps.aliases.get(key, 0) + 1
+        elif mapped != key:  # the engine reused a hash for other tokens: forget the old block
+            engine.put(engine_hash, key)
+            self._forget(ps, mapped)
 
-    def _evict_oldest(self) -> None:
-        key, owners = self._blocks.popitem(last=False)
-        self.stats.evicted += 1
-        for endpoint in owners:
-            ps = self._pods.get(endpoint)
-            if ps is not None:
-                h = ps.keys.pop(key, None)
-                if h is not None:
-                    ps.engine.pop(h, None)
-        self._entries -= len(owners)
+    def store_on(self, endpoint: str, ev: BlockStored, parent: int, skip: set[int] | frozenset[int] = frozenset()
+                 ) -> None:
+        """Apply an orphan ``BlockStored`` whose parent key is now known (re-anchored); blocks
+        whose engine hash is in ``skip`` were evicted since and are left out."""
+        ps = self.pod(endpoint)
+        bs = ev.block_size
+        ps.block_size = bs
+        if ev.lora_name:
+            self.adapters.add(ev.lora_name)
+        bit = self._bit(ev.medium)
+        keys = block_keys(ev.token_ids, bs, ev.lora_name or "", len(ev.block_hashes), parent, ev.extras)
+        for h, key in zip(ev.block_hashes, keys, strict=False):
+            if h not in skip:
+                self._add(ps, key, h, bit)
+        self.stats.stored += len(keys)
+        self._report()
+
+    def add_hashless(self, endpoint: str, key: int) -> None:
+        """Hold ``key`` for ``endpoint`` with no engine hash (an unverified re-anchor)."""
+        ps = self.pod(endpoint)
+        if self._owners.mask(key, ps.idx):
+            return
+        self._owners.set_mask(key, ps.idx, self._bit(DEFAULT_MEDIUM))
+        ps.engine.put(key ^ HASHLESS_TAG, key)
+
+    def add_block(self, endpoint: str, key: int, engine_hash: int, medium: str | None = None) -> None:
+        """Hold ``key`` (engine hash known) for ``endpoint``: a re-anchored block."""
+        self._add(self.pod(endpoint), key, engine_hash, self._bit(medium))
+
+    def _forget(self, ps: _PodState, key: int) -> None:
+        if ps.aliases.get(key):
+            ps.aliases[key] -= 1
+            if not ps.aliases[key]:
+                del ps.aliases[key]
+        else:
+            self._owners.set_mask(key, ps.idx, 0)
 
     def _removed(self, endpoint: str, ps: _PodState, ev: BlockRemoved) -> None:
         if ev.group_idx:
             return
         bit = None if ev.medium is None else self._bit(ev.medium)
+        owners = self._owners
+        unknown: list[int] = []
         for h in ev.block_hashes:
             key = ps.engine.get(h)
             if key is None:
+                unknown.append(h)
                 continue
             self.stats.removed += 1
             self._drop_spec(key, endpoint)
-            owners = self._blocks.get(key)
-            mask = owners.get(endpoint) if owners is not None else None
-            if mask is None:
-                ps.engine.pop(h, None)
-                ps.keys.pop(key, None)
+            mask = owners.mask(key, ps.idx)
+            rest = 0 if bit is None else mask & ~bit
+            if rest:
+                owners.set_mask(key, ps.idx, rest)
                 continue
-            assert owners is not None
-            mask = 0 if bit is None else mask & ~bit
+            ps.engine.pop(h)
             if mask:
-                owners[endpoint] = mask
-                continue
-            del owners[endpoint]
-            self._entries -= 1
-            if not owners:
-                del self._blocks[key]
-            ps.engine.pop(h, None)
-            ps.keys.pop(key, None)
+                self._forget(ps, key)
+        if unknown:
+            self.recovery.on_unknown_removed(endpoint, unknown)
 
     def _clear_pod(self, endpoint: str, ps: _PodState) -> None:
-        blocks = self._blocks
-        for key in ps.keys:
-            owners = blocks.get(key)
-            if owners is not None and owners.pop(endpoint, None) is not None:
-                self._entries -= 1
-                if not owners:
-                    del blocks[key]
-        ps.keys.clear()
+        owners = self._owners
+        for key in ps.engine.values():
+            owners.set_mask(key, ps.idx, 0)
         ps.engine.clear()
+        ps.aliases.clear()
         for key in [k for k, pods in self._spec.items() if endpoint in pods]:
             self._drop_spec(key, endpoint)
 
@@ -271,17 +286,30 @@ class KVBlockIndex:
         ps = self._pods.get(endpoint)
         if ps is not None:
             self._clear_pod(endpoint, ps)
-            self._report()
+        self.recovery.on_clear(endpoint)
+        self._report()
 
     def remove_endpoint(self, endpoint: str) -> None:
         """The endpoint left the pool: forget it entirely."""
         ps = self._pods.pop(endpoint, None)
         if ps is not None:
             self._clear_pod(endpoint, ps)
+            self._names[ps.idx] = ""
+            self._free_idx.append(ps.idx)
         else:
             for key in [k for k, pods in self._spec.items() if endpoint in pods]:
                 self._drop_spec(key, endpoint)
+        self.recovery.forget(endpoint)
         self._report()
+
+    def _overflow(self) -> None:
+        while self._owners.entries > self.max_entries and self._pods:
+            name = max(self._pods, key=lambda n: len(self._pods[n].engine))
+            self.stats.overflows += 1
+            if self.metrics is not None:
+                self.metrics.kv_events_resyncs.labels("index_full").inc()
+            self._clear_pod(name, self._pods[name])
+            self.recovery.on_clear(name)
 
     # ------------------------------------------------------------------ speculative
     def add_speculative(self, endpoint: str, keys: Sequence[int], ttl: float, now: float | None = None) -> None:
@@ -291,11 +319,11 @@ class KVBlockIndex:
         self._prune_spec(now)
         expiry = now + ttl
         spec = self._spec
-        blocks = self._blocks
+        ps = self.pod(endpoint)
+        owners = self._owners
         added: list[int] = []
         for key in keys:
-            owners = blocks.get(key)
-            if owners is not None and endpoint in owners:
+            if owners.mask(key, ps.idx):
                 continue  # confirmed already
             pods = spec.get(key)
             if pods is None:
@@ -337,7 +365,12 @@ class KVBlockIndex:
         """
         if not keys:
             return {}
-        blocks_get = self._blocks.get
+        table = self._owners.table
+        tkeys = table._keys  # the probe is inlined: this loop is the scorer's hot path
+        tvals = table._vals
+        tmask = table._mask
+        owners_of = self._owners.owners_of
+        names = self._names
         spec_get = self._spec.get
         weight = self._weight
         now = monotonic() if now is None else now
@@ -345,15 +378,31 @@ class KVBlockIndex:
         alive: dict[str, float] = {}
         first = True
         for key in keys:
-            owners = blocks_get(key)
+            k = key or 1
+            i = k & tmask
+            v = 0
+            while True:
+                x = tkeys[i]
+                if x == k:
+                    v = tvals[i]
+                    break
+                if x == 0:
+                    break
+                i = (i + 1) & tmask
             spec = spec_get(key)
-            if owners is None and spec is None:
+            if not v and spec is None:
                 break
+            held: dict[str, int]
+            if v > 0:
+                held = {names[v >> 4]: v & 15}
+            elif v < 0:
+                held = {names[idx]: m for idx, m in owners_of(v).items()}
+            else:
+                held = {}
             if first:
                 first = False
-                if owners:
-                    for ep, mask in owners.items():
-                        alive[ep] = weight(mask)
+                for ep, mask in held.items():
+                    alive[ep] = weight(mask)
                 if spec:
                     for ep, exp in spec.items():
                         if exp > now and ep not in alive:
@@ -362,7 +411,7 @@ class KVBlockIndex:
                     break
                 continue
             for ep in list(alive):
-                got = owners.get(ep) if owners else None
+                got = held.get(ep)
                 if got is not None:
                     alive[ep] += weight(got)
                 elif spec is not None and spec.get(ep, 0.0) > now:
@@ -387,15 +436,23 @@ class KVBlockIndex:
         ps = self._pods.get(endpoint)
         return ps.model if ps is not None else None
 
+    def holds(self, endpoint: str, key: int) -> bool:
+        ps = self._pods.get(endpoint)
+        return ps is not None and bool(self._owners.mask(key, ps.idx))
+
+    def parent_key(self, endpoint: str, engine_hash: int) -> int | None:
+        ps = self._pods.get(endpoint)
+        return None if ps is None else ps.engine.get(engine_hash)
+
     # ------------------------------------------------------------------ introspection
     @property
     def entries(self) -> int:
         """(block, endpoint) pairs held (speculative ones excluded)."""
-        return self._entries
+        return self._owners.entries
 
     @property
     def keys_count(self) -> int:
-        return len(self._blocks)
+        return len(self._owners)
 
     @property
     def speculative_count(self) -> int:
@@ -404,18 +461,28 @@ class KVBlockIndex:
     def engine_hashes(self, endpoint: str) -> set[int]:
         """The engine hashes the index holds for an endpoint (for comparing with the engine)."""
         ps = self._pods.get(endpoint)
-        return set(ps.engine) if ps is not None else set()
+        if ps is None:
+            return set()
+        return {h for h, key in ps.engine.items() if h != key ^ HASHLESS_TAG}
+
+    def hashless_count(self, endpoint: str) -> int:
+        ps = self._pods.get(endpoint)
+        return 0 if ps is None else sum(1 for h, key in ps.engine.items() if h == key ^ HASHLESS_TAG)
 
     def keys_of(self, endpoint: str) -> set[int]:
         ps = self._pods.get(endpoint)
-        return set(ps.keys) if ps is not None else set()
+        return set(ps.engine.values()) if ps is not None else set()
 
     def endpoints(self) -> list[str]:
         return list(self._pods)
 
+    def nbytes(self) -> int:
+        """Bytes of the flat tables (a lower bound of the index's memory)."""
+        return self._owners.table.nbytes() + sum(ps.engine.nbytes() for ps in self._pods.values())
+
     def _report(self) -> None:
         m = self.metrics
         if m is not None:
-            m.precise_index_entries.set(self._entries)
-            m.precise_index_keys.set(len(self._blocks))
+            m.precise_index_entries.set(self._owners.entries)
+            m.precise_index_keys.set(len(self._owners))
             m.precise_speculative_entries.set(self._spec_count)

@@ -40,7 +40,8 @@ class KVEventsConfig:
     replay_port: int | None = None
     replay_port_offset: int | None = None
     topic_filter: str = ""
-    replay_timeout: float = 2.0
+    replay_timeout: float = 2.0  # inactivity
+    replay_retries: int = 3
 
 
 def _label_port(ep: Endpoint, label: str) -> int | None:
@@ -104,6 +105,7 @@ class KVEventsManager:
             replay_url=None if replay is None else f"tcp://{format_hostport(ep.address, replay)}",
             topic_filter=cfg.topic_filter,
             replay_timeout=cfg.replay_timeout,
+            replay_retries=cfg.replay_retries,
             metrics=self.metrics,
         )
         self.subscribers[ep.key] = sub

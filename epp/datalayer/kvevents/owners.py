@@ -1,0 +1,133 @@
+"""Which endpoints hold each block key, and in which tiers: one int64 per key.
+
+The common case under prefix-affinity routing is a key held by one endpoint, so that case
+costs nothing beyond the table slot: the value is ``(endpoint index << 4) | tier mask``
+(> 0). A key held by several endpoints points (value ``-(slot + 1)``) into a side list of
+``bytes`` records, three bytes per owner (index as 2 bytes little-endian, tier mask), shared
+by all of them. Endpoints are interned to small indices by the index (``KVBlockIndex``);
+tier masks use four bits (GPU, CPU and two more mediums).
+"""
+
+from __future__ import annotations
+
+from epp.datalayer.kvevents.table import U64Map
+
+MAX_ENDPOINTS = 1 << 16
+
+
+def _pack(owners: dict[int, int]) -> bytes:
+    out = bytearray()
+    for idx, mask in owners.items():
+        out += bytes((idx & 0xFF, idx >> 8, mask))
+    return bytes(out)
+
+
+def unpack(record: bytes) -> dict[int, int]:
+    return {record[i] | (record[i + 1] << 8): record[i + 2] for i in range(0, len(record), 3)}
+
+
+class OwnerTable:
+    __slots__ = ("_free", "_multi", "entries", "table")
+
+    def __init__(self) -> None:
+        self.table = U64Map(signed=True)
+        self._multi: list[bytes] = []
+        self._free: list[int] = []
+        #: (key, endpoint) pairs held
+        self.entries = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def owners_of(self, value: int) -> dict[int, int]:
+        """endpoint index → tier mask, for a table value."""
+        if value > 0:
+            return {value >> 4: value & 15}
+        return unpack(self._multi[-value - 1])
+
+    def mask(self, key: int, idx: int) -> int:
+        v = self.table.get(key)
+        if v is None:
+            return 0
+        if v > 0:
+            return v & 15 if v >> 4 == idx else 0
+        return self.owners_of(v).get(idx, 0)
+
+    def add_bit(self, key: int, idx: int, bit: int) -> int:
+        """Add tier ``bit`` for endpoint ``idx``; returns the previous mask (0: a new entry)."""
+        v = self.table.put_new(key, (idx << 4) | bit)
+        if v is None:
+            self.entries += 1
+            return 0
+        prev = (v & 15 if v >> 4 == idx else 0) if v > 0 else self.owners_of(v).get(idx, 0)
+        if prev | bit != prev:
+            self.set_mask(key, idx, prev | bit)
+        return prev
+
+    def set_mask(self, key: int, idx: int, mask: int) -> int:
+        """Set endpoint ``idx``'s tiers for ``key`` (0 removes it); returns the previous mask."""
+        table = self.table
+        v = table.get(key)
+        if v is None:
+            if mask:
+                table.put(key, (idx << 4) | mask)
+                self.entries += 1
+            return 0
+        if v > 0:
+            owner = v >> 4
+            if owner == idx:
+                if mask:
+                    table.put(key, (idx << 4) | mask)
+                else:
+                    table.pop(key)
+                    self.entries -= 1
+                return v & 15
+            if not mask:
+                return 0
+            self._store_multi(key, None, {owner: v & 15, idx: mask})
+            self.entries += 1
+            return 0
+        slot = -v - 1
+        owners = unpack(self._multi[slot])
+        old = owners.get(idx, 0)
+        if mask:
+            owners[idx] = mask
+        elif old:
+            del owners[idx]
+        else:
+            return 0
+        if not old and mask:
+            self.entries += 1
+        elif old and not mask:
+            self.entries -= 1
+        self._store_multi(key, slot, owners)
+        return old
+
+    def _store_multi(self, key: int, slot: int | None, owners: dict[int, int]) -> None:
+        if len(owners) <= 1:
+            if slot is not None:
+                self._release(slot)
+            if owners:
+                (idx, mask), = owners.items()
+                self.table.put(key, (idx << 4) | mask)
+            else:
+                self.table.pop(key)
+            return
+        record = _pack(owners)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+                self._multi[slot] = record
+            else:
+                slot = len(self._multi)
+                self._multi.append(record)
+            self.table.put(key, -(slot + 1))
+        else:
+            self._multi[slot] = record
+
+    def _release(self, slot: int) -> None:
+        self._multi[slot] = b""
+        self._free.append(slot)
+
+    def multi_owner_keys(self) -> int:
+        return len(self._multi) - len(self._free)
