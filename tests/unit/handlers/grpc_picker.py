@@ -5,11 +5,12 @@ plain (synchronous) tests, hypothesis included, each call bounded by a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -40,35 +41,59 @@ class _ErrorLog(logging.Handler):
         self.records.append(record)
 
 
-@dataclass
 class Picker:
-    server: PickerServer
-    loop: asyncio.AbstractEventLoop
-    stub: Any = None
-    errors: _ErrorLog = field(default_factory=_ErrorLog)
+    """A running picker: its server object, its loop, an ext_proc stub, its error log."""
+
+    def __init__(self, server: PickerServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.stub: Any = None
+        self.errors = _ErrorLog()
+
+    def __repr__(self) -> str:
+        return f"Picker(grpc port {self.server.bound_ports.get('grpc')})"
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stream(self, messages: Iterable[pb.ProcessingRequest], timeout: float = 15.0) -> StreamResult:
-        """Send every message, half-close, read until the picker ends the stream."""
+        """Send every message (stopping early if the picker ends the stream), half-close, and
+        read until the picker ends it. Uses the read/write API: with an iterator, grpc.aio
+        reports a write that raced the server's end as INTERNAL instead of the server's status."""
         msgs = list(messages)
 
         async def go() -> StreamResult:
-            async def gen():  # type: ignore[no-untyped-def]
-                for m in msgs:
-                    yield m
-
+            call = self.stub.Process(timeout=timeout)
             out: list[pb.ProcessingResponse] = []
-            call = self.stub.Process(gen(), timeout=timeout)
+
+            async def read() -> None:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    while (r := await call.read()) is not grpc.aio.EOF:
+                        out.append(r)
+
+            reader = asyncio.ensure_future(read())
             try:
-                async for r in call:
-                    out.append(r)
-            except grpc.aio.AioRpcError as exc:
-                return StreamResult(out, exc.code(), exc.details() or "")
-            return StreamResult(out)
+                for m in msgs:
+                    if call.done():
+                        break
+                    await call.write(m)
+                if not call.done():
+                    await call.done_writing()
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                pass  # the picker ended the stream while we were still sending
+            await reader
+            return StreamResult(out, await call.code(), await call.details() or "")
 
         return self.run(go(), timeout + 5)
+
+    def violations(self) -> float:
+        """Streams the picker ended as protocol violations so far."""
+
+        async def read() -> float:
+            c = self.server.metrics.extproc_protocol_errors
+            return sum(x.value for f in c.collect() for x in f.samples if x.name.endswith("_total"))
+
+        return self.run(read())
 
     def gauges(self) -> dict[str, float]:
         """In-flight counts: endpoints, the running gauges (sum and minimum), demand."""
