@@ -25,6 +25,7 @@ from epp.runner.tls import self_signed
 from tests.waiting import eventually
 
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+WAIT = 30.0  # hang guard only (a shared, loaded machine); a scrape normally lands within 50 ms
 PROFILE = "schedulingProfiles: [{name: d, plugins: [{pluginRef: queue-scorer}]}]\n"
 
 # a vLLM page plus a series only a custom engine spec reads, and an SGLang queue gauge
@@ -193,7 +194,7 @@ plugins: [{type: queue-scorer}, {type: metrics-data-source, parameters: {path: /
 dataLayer: {sources: [{pluginRef: metrics-data-source}]}
 """ + PROFILE, pod)
     ep = only_endpoint(server)
-    await eventually(lambda: ep.metrics.updated_at > 0, what="a successful scrape")
+    await eventually(lambda: ep.metrics.updated_at > 0, timeout=WAIT, what="a successful scrape")
     assert (ep.metrics.waiting_queue_size, ep.metrics.running_requests_size) == (1, 2)
     assert set(pod.paths) == {"/custom-metrics"}
 
@@ -219,7 +220,7 @@ plugins:
 - {extractor.strip()}
 """ + PROFILE, pod)
     ep = only_endpoint(server)
-    await eventually(lambda: ep.metrics.updated_at > 0, what="a successful scrape")
+    await eventually(lambda: ep.metrics.updated_at > 0, timeout=WAIT, what="a successful scrape")
     assert ep.metrics.waiting_queue_size == queue
 
 
@@ -243,10 +244,10 @@ plugins:
             "epp_metrics_scrape_errors_total", {"endpoint": ep.key}) or 0.0
 
     if skip_verify:
-        await eventually(lambda: ep.metrics.updated_at > 0, what="a successful scrape")
+        await eventually(lambda: ep.metrics.updated_at > 0, timeout=WAIT, what="a successful scrape")
         assert ep.metrics.waiting_queue_size == 1
     else:  # the self-signed certificate is refused: scrapes fail, the page is never read
-        await eventually(lambda: errors() >= 2, what="two failed scrapes")
+        await eventually(lambda: errors() >= 2, timeout=WAIT, what="two failed scrapes")
         assert ep.metrics.updated_at == 0
         assert pod.paths == []  # refused during the handshake, before any request
 
