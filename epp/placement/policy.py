@@ -6,9 +6,9 @@ no clock — so the whole policy is unit-tested with a fake clock (``tests/unit/
 The rules (docs/model-sharing.md explains them with their knobs):
 
 * **Cold miss** (a request for an adapter loaded nowhere): load it on a pod with a free
-  adapter slot, the least loaded first; with no free slot anywhere, evict the cheapest idle
-  copy — the one with the least demand per copy — preferring copies older than
-  ``minChurnAge``. A copy with requests in flight, or running/waiting in the pod's metrics,
+  adapter slot, the least loaded first; with no free slot anywhere, evict the least recently
+  used idle copy (equal recency: the one with the least demand per copy), preferring copies
+  older than ``minChurnAge``. A copy with requests in flight, or running/waiting in the pod's metrics,
   is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
 * **Copies follow demand**: a model's smoothed in-flight count, divided by what one copy
   should carry — the pool's average per pod, at least ``minInflightPerCopy`` — times
@@ -75,16 +75,17 @@ def _tie(pod: str, model: str) -> int:
 
 
 def victim(pod: PodView, fleet: Fleet, models: Mapping[str, ModelState],
-           catalogue: Mapping[str, CatalogueModel], now: float, min_age: float) -> tuple[float, str] | None:
-    """The cheapest copy on ``pod`` that may be unloaded now: (demand per copy, model)."""
+           catalogue: Mapping[str, CatalogueModel], now: float, min_age: float) -> tuple[float, float, str] | None:
+    """The copy on ``pod`` to unload for another one: idle, loaded at least ``min_age`` ago,
+    least recently used (then least demand per copy). Returns (last use, demand per copy, model)."""
     best: tuple[float, float, str] | None = None
     for m, c in pod.adapters.items():
         if not loadable(m, catalogue) or not _idle(pod, m, c) or now - c.since < min_age:
             continue
-        cand = (per_copy_demand(m, models, fleet), c.last_used, m)
+        cand = (c.last_used, per_copy_demand(m, models, fleet), m)
         if best is None or cand < best:
             best = cand
-    return None if best is None else (best[0], best[2])
+    return best
 
 
 def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
@@ -92,26 +93,27 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                cold: bool, exclude: frozenset[str] = frozenset()) -> Load | None:
     """Where a new copy of ``model`` goes (None: nowhere right now).
 
-    Free slot first (least loaded pod), else evict the cheapest idle copy. For a cold miss
-    any idle copy may go, old ones first; for a scale-up only a copy older than
-    ``minChurnAge`` whose demand per copy is ``evictionRatio`` times below the hot model's.
+    Free slot first (least loaded pod), else evict an idle copy (``victim``): across pods the
+    least recently used one, then the least loaded pod. For a cold miss any idle
+    copy may go, old ones first; for a scale-up only a copy older than ``minChurnAge`` whose
+    demand per copy is ``evictionRatio`` times below the hot model's.
     """
     hot = per_copy_demand(model, models, fleet)
-    best: tuple[tuple[int, float, float, int], Load] | None = None
+    best: tuple[tuple[float, ...], Load] | None = None
     for ages in ((cfg.min_churn_age, 0.0) if cold else (cfg.min_churn_age,)):
         for pod in fleet.pods.values():
             if (pod.slots <= 0 or pod.key in exclude or pod.serves(model) or pod.loading
                     or pod.busy(model)):
                 continue
             if pod.free_slots() > 0:
-                key = (0, 0.0, pod.load, _tie(pod.key, model))
+                key = (0, 0.0, 0.0, pod.load, _tie(pod.key, model))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP)
             else:
                 v = victim(pod, fleet, models, catalogue, now, ages)
-                if v is None or (not cold and v[0] * cfg.eviction_ratio >= hot):
+                if v is None or (not cold and v[1] * cfg.eviction_ratio >= hot):
                     continue
-                key = (1, v[0], pod.load, _tie(pod.key, model))
-                load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[1])
+                key = (1, v[0], v[1], pod.load, _tie(pod.key, model))
+                load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[2])
             if best is None or key < best[0]:
                 best = (key, load)
         if best is not None:

@@ -165,7 +165,8 @@ async def test_an_idle_adapter_is_unloaded_after_the_idle_time(tmp_path: Path) -
         await eventually(gone, timeout=20, what="dept-a unloaded once idle for 1 s")
         assert rig.metric("inference_extension_model_unloads_total", model_name="dept-a", reason="idle",
                           outcome="success") == 1
-        assert rig.metric("inference_extension_model_copies", model_name="dept-a") == 0
+        await eventually(lambda: rig.metric("inference_extension_model_copies", model_name="dept-a") == 0,
+                         what="the copies gauge following the unload")
         status, _, _ = await post(port, "dept-a")  # and comes back on demand
         assert status == 200
         assert rig.metric("inference_extension_model_loads_total", model_name="dept-a", outcome="success") == 2

@@ -54,11 +54,13 @@ def test_a_cold_miss_takes_the_free_slot_of_the_least_loaded_pod() -> None:
     assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p3", COLD)
 
 
-def test_a_full_fleet_evicts_the_idle_copy_with_the_least_demand() -> None:
-    f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]})
+def test_a_full_fleet_evicts_the_least_recently_used_idle_copy() -> None:
+    f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]}, used=90.0)
     models = demand(a1=3.0, a2=0.5, a3=2.0, a4=1.0)
-    load = choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True)
-    assert load == Load("a9", "p1", COLD, evict="a2")
+    # equally recent: the copy with the least demand goes
+    assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p1", COLD, evict="a2")
+    f.pods["p2"].adapters["a3"].last_used = 80.0  # used longest ago: it goes, whatever its demand
+    assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p2", COLD, evict="a3")
 
 
 def test_copies_in_use_are_never_evicted_and_a_full_busy_fleet_has_no_room() -> None:
