@@ -36,13 +36,13 @@ from epp.framework.datalayer import Endpoint
 from epp.framework.errors import RequestError
 from epp.framework.plugin import StateKey
 from epp.framework.scheduling import LLMRequest
-from epp.placement import client as calls
-from epp.placement.client import CallResult, PodClient
+from epp.placement.actions import Actions, pod_url
+from epp.placement.client import PodClient
 from epp.placement.config import PlacementConfig
 from epp.placement.fleet import Copy, Fleet, ModelState
 from epp.placement.metrics import PlacementMetrics
 from epp.placement.peers import Ownership, PeerUnreachable, ask_owner, peer_app
-from epp.placement.policy import EVICTED, Action, Load, choose_pod, loadable, plan
+from epp.placement.policy import Action, choose_pod, loadable, plan
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ _COUNTED: StateKey[ModelState] = StateKey("placement.counted")
 #: the copy a request was routed to
 _ROUTED: StateKey[Copy] = StateKey("placement.routed")
 _NO_VICTIM_RETRY = 0.05
-
-
-def _url(key: str) -> str:
-    return f"http://{key}"
 
 
 @dataclass(slots=True)
@@ -71,6 +67,7 @@ class ModelPlacement:
     #: requests held for a load right now, all models (counted as queued pool demand)
     held: int = 0
     _client: PodClient | None = None
+    _actions: Actions | None = None
     _session: aiohttp.ClientSession | None = None
     _waiters: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     _cold: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -90,6 +87,8 @@ class ModelPlacement:
         if self._session is None:
             self._session = aiohttp.ClientSession()
             self._client = PodClient(self._session)
+            self._actions = Actions(self.fleet, self._client, self.cfg, self.catalogue, self._wake, self._spawn,
+                                    self.metrics, self.clock)
         self.datastore.add_listener(self._endpoints_changed)
         self._spawn(self._poll_loop())
         self._spawn(self._reconcile_loop())
@@ -117,6 +116,11 @@ class ModelPlacement:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def actions(self) -> Actions:
+        assert self._actions is not None, "ModelPlacement.start() first"
+        return self._actions
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -269,7 +273,7 @@ class ModelPlacement:
             if load is None:
                 await asyncio.sleep(_NO_VICTIM_RETRY)
                 continue
-            result = await self._execute(load)
+            result = await self.actions.load(load)
             if not result.present:
                 st.failed_until = self.clock() + self.cfg.failure_backoff
                 st.failure = f"{result.outcome} on {load.pod}: {result.message}"
@@ -307,65 +311,6 @@ class ModelPlacement:
             self._uncount(st)
         return sorted(self.fleet.holders.get(model, ()))
 
-    def _start(self, action: Action) -> None:
-        """Mark the pod busy now (so the next plan sees it) and run the action in the background."""
-        pod = self.fleet.pods.get(action.pod)
-        if pod is None:
-            return
-        if isinstance(action, Load):
-            pod.loading.add(action.model)
-            self._spawn(self._execute(action))
-        else:
-            pod.unloading.add(action.model)
-            self.fleet.reindex()
-            self._spawn(self._unload(action.pod, action.model, action.reason, marked=True))
-
-    async def _execute(self, load: Load) -> CallResult:
-        pod = self.fleet.pods.get(load.pod)
-        entry = self.catalogue().get(load.model)
-        if pod is None or entry is None or entry.path is None:
-            return CallResult(calls.FAILED, "the pod or the catalogue entry went away")
-        pod.loading.add(load.model)
-        try:
-            if load.evict is not None and not await self._unload(load.pod, load.evict, EVICTED):
-                return CallResult(calls.FAILED, f"could not evict {load.evict!r} to free a slot")
-            assert self._client is not None
-            t0 = self.clock()
-            result = await self._client.load(_url(load.pod), load.model, entry.path, self.cfg.load_timeout)
-            if self.metrics is not None:
-                pool = self.metrics.pool()
-                self.metrics.loads.labels(pool, load.model, result.outcome).inc()
-                if result.outcome == calls.SUCCESS:
-                    self.metrics.load_duration.labels(pool).observe(self.clock() - t0)
-            if result.present:
-                self.fleet.loaded(load.pod, load.model, self.clock())
-                log.debug("model loaded", extra={"model": load.model, "pod": load.pod, "reason": load.reason})
-                self._wake()
-            return result
-        finally:
-            pod.loading.discard(load.model)
-
-    async def _unload(self, key: str, model: str, reason: str, marked: bool = False) -> bool:
-        pod = self.fleet.pods.get(key)
-        if pod is None:
-            return False
-        if not marked:
-            pod.unloading.add(model)
-            self.fleet.reindex()
-        try:
-            assert self._client is not None
-            result = await self._client.unload(_url(key), model, self.cfg.unload_timeout)
-            if self.metrics is not None:
-                self.metrics.unloads.labels(self.metrics.pool(), model, reason, result.outcome).inc()
-            if result.outcome in (calls.SUCCESS, calls.NOT_FOUND):
-                self.fleet.unloaded(key, model)
-                return True
-            log.warning("model unload failed", extra={"model": model, "pod": key, "error": result.message})
-            return False
-        finally:
-            pod.unloading.discard(model)
-            self.fleet.reindex()
-
     # ------------------------------------------------------------------ background
     def _endpoints_changed(self, added: tuple[Endpoint, ...], removed: tuple[Endpoint, ...]) -> None:
         self.fleet.sync(ep.key for ep in self.datastore.endpoints())
@@ -384,7 +329,7 @@ class ModelPlacement:
         if pod is None or self._client is None:
             return
         version = pod.version
-        report = await self._client.models(_url(key), min(2.0, self.cfg.models_refresh_interval * 2))
+        report = await self._client.models(pod_url(key), min(2.0, self.cfg.models_refresh_interval * 2))
         if report is not None and self.fleet.apply_report(key, version, report.adapters, report.bases, self.clock()):
             self._wake()
 
@@ -424,7 +369,7 @@ class ModelPlacement:
         if self.cfg.manages and self.ownership.acting():
             actions = plan(self.fleet, self.models, self.catalogue(), self.cfg, now, self.ownership.owns)
             for action in actions:
-                self._start(action)
+                self.actions.start(action)
             self.fleet.reindex()
         self._export()
         return actions
