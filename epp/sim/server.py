@@ -105,6 +105,7 @@ class PodServer:
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         app.router.add_post("/v1/load_lora_adapter", self.load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self.unload_lora)
+        app.router.add_get("/sim/stats", self.sim_stats)
         return app
 
     def _json(self, body: bytes, status: int = 200) -> web.Response:
@@ -151,6 +152,13 @@ class PodServer:
                         "max_queue_size": 100000,
                         "topic": self.engine.publisher.topic if self.engine.publisher else ""}
         return self._json(orjson.dumps(src))
+
+    async def sim_stats(self, request: web.Request) -> web.Response:
+        """Simulator only (not a vLLM route, so not on ``/metrics``): counts a benchmark needs
+        that vLLM does not export, e.g. adapter reads from disk whatever the routing policy."""
+        lora = self.engine.lora
+        return self._json(orjson.dumps({"lora_disk_reads": lora.disk_reads, "lora_gpu_loads": lora.gpu_loads,
+                                        "lora_registered": len(lora.registry)}))
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         self.engine.reset_prefix_cache()

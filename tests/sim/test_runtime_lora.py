@@ -122,3 +122,14 @@ async def test_adapters_beyond_the_cpu_cache_are_read_from_disk_again(
 def test_cpu_cache_smaller_than_the_gpu_slots_is_a_config_error(fast_config: SimConfig) -> None:
     with pytest.raises(ValueError, match="max_cpu_loras"):
         fast_config.replace(max_loras=4, max_cpu_loras=2).validate()
+
+
+async def test_sim_stats_count_disk_reads(fast_config: SimConfig, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """``GET /sim/stats`` (simulator only) counts adapter reads from disk, for benchmarks."""
+    async with SimPool(fast_config.replace(enable_lora=True), replicas=1) as pool:
+        url = pool.pods[0].url
+        body = {"lora_name": "a", "lora_path": make_adapter(tmp_path, "a")}
+        r = await http.post(f"{url}/v1/load_lora_adapter", json=body)
+        assert r.status == 200
+        stats = await (await http.get(f"{url}/sim/stats")).json()
+        assert stats == {"lora_disk_reads": 1, "lora_gpu_loads": 0, "lora_registered": 1}
