@@ -150,6 +150,7 @@ def _check_answers(responses: list[pb.ProcessingResponse]) -> None:
             assert orjson.loads(ir.body)["error"]["code"] == ir.status.code
 
 
+@pytest.mark.slow  # ~10 s: 250 sequences, each followed by a normal request
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")  # the picker's own RNG
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence=_sequences)
