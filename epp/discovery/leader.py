@@ -209,6 +209,12 @@ class LeaderElector:
         else:
             self._failures.succeeded()
             return ok
+        finally:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Python 3.11's wait_for returns the result of a call that completed while the
+                # task was being cancelled and drops the cancellation: stop() would wait forever
+                raise asyncio.CancelledError
         return False
 
     def _set_leader(self, leader: bool, why: str) -> None:

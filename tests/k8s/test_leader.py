@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -210,6 +211,43 @@ async def test_stop_is_safe_before_start_and_twice(fake_k8s: FakeKube) -> None:
     await e.stop()
     await e.stop()
     assert holder(fake_k8s) == ""
+
+
+async def test_stop_ends_the_election_even_if_its_cancellation_is_lost(
+        fake_k8s: FakeKube, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns the result of a call that completes while its
+    task is being cancelled, and the cancellation is lost. ``stop()`` waits for the election
+    loop to end, so a lost cancellation used to hang it (seen in benchmarks/k8s_failover.py);
+    the picker's shutdown then gave up on it and never released the Lease."""
+    e = LeaderElector(namespace="default", name=LEASE, identity="x", api_client=fake_k8s.api_client(), **FAST)
+    loop = asyncio.get_running_loop()
+    in_call, release = asyncio.Event(), threading.Event()
+
+    def lease_call(timeout: float) -> bool:  # a Lease call in flight until stop() cancels
+        loop.call_soon_threadsafe(in_call.set)
+        release.wait(10)
+        return False
+
+    real_wait_for = asyncio.wait_for
+
+    async def wait_for_that_loses_a_cancel(aw: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """3.11's race, made deterministic: the call completes as the cancellation arrives."""
+        fut = asyncio.ensure_future(aw)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            release.set()
+            return await fut  # the call's result wins; the cancellation is dropped
+
+    e._try_acquire_or_renew = lease_call  # type: ignore[method-assign]
+    monkeypatch.setattr(asyncio, "wait_for", wait_for_that_loses_a_cancel)
+    await e.start()
+    await real_wait_for(in_call.wait(), 5)
+    stopping = asyncio.create_task(e.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=5)  # hang guard (stop() returns at once)
+    if not done:
+        stopping.cancel()
+    assert done, "stop() hung: the election loop survived its cancellation"
 
 
 def test_invalid_durations_are_rejected() -> None:
