@@ -27,12 +27,16 @@ class Series:
     queue_size: Any
     queue_bytes: Any
     outcomes: dict[str, Any] = field(default_factory=dict)
+    #: requests of this series in the queue now
+    queued: int = 0
 
     def enqueued(self, size: int) -> None:
+        self.queued += 1
         self.queue_size.inc()
         self.queue_bytes.inc(size)
 
     def dequeued(self, size: int) -> None:
+        self.queued -= 1
         self.queue_size.dec()
         self.queue_bytes.dec(size)
 
@@ -57,16 +61,38 @@ class FlowMetrics:
         m = self.metrics
         if m is None:
             return None
-        key = (request.fairness_id, request.priority, request.incoming_model, request.target_model)
+        model = request.model_label or request.incoming_model
+        target = request.target_label or request.target_model
+        key = (request.fairness_id, request.priority, model, target)
         s = self._series.get(key)
         if s is None:
             if len(self._series) > MAX_SERIES:
-                self._series.clear()
-            labels = (request.fairness_id, str(request.priority), self.datastore.pool.name,
-                      request.incoming_model, request.target_model)
+                self._forget()
+            labels = (request.fairness_id, str(request.priority), self.datastore.pool.name, model, target)
             s = self._series[key] = Series(m, labels, m.fc_queue_size.labels(*labels),
                                            m.fc_queue_bytes.labels(*labels))
         return s
+
+    def _forget(self) -> None:
+        """Drop the cached series *and* their exported children, whose queues are empty (a
+        live request keeps its own ``Series`` object, which still updates a child that
+        re-appears when next touched): ``/metrics`` stays bounded under label churn."""
+        m = self.metrics
+        assert m is not None
+        for s in self._series.values():
+            if s.queued:
+                continue
+            for metric in (m.fc_queue_size, m.fc_queue_bytes):
+                try:
+                    metric.remove(*s.labels)
+                except KeyError:
+                    pass
+            for outcome in s.outcomes:
+                try:
+                    m.fc_queue_duration.remove(*s.labels, outcome)
+                except KeyError:
+                    pass
+        self._series.clear()
 
     def saturation(self, value: float) -> None:
         if self.metrics is not None:

@@ -42,6 +42,10 @@ class LLMRequest:
     fairness_id: str = "default-flow"
     objective: str | None = None
     cache_salt: str | None = None
+    #: ``incoming_model`` / ``target_model`` as metric label values: names the pool is not
+    #: known to serve are folded (request control decides; every layer's series use these)
+    model_label: str = ""
+    target_label: str = ""
     #: per-request scratch shared by plugins (GIE CycleState), keyed by typed ``StateKey``s
     state: TypedState = field(default_factory=TypedState)
 

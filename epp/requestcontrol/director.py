@@ -206,6 +206,7 @@ class Director:
             assert labels is not None
             model_label = labels.label(parsed.model)
             target_label = model_label if target == parsed.model else labels.label(target)
+            req.model_label, req.target_label = model_label, target_label
             series = ctx.series = self._series.get(model_label, target_label)
             series.requests(priority).inc()
             series.request_sizes.observe(len(raw))

@@ -446,3 +446,26 @@ async def test_metrics_track_queue_size_and_tokens() -> None:
         {"fairness_id": "tenant", "priority": "0", "inference_pool": "default", "type": "completion"})
     assert served == 100
     await ctl.stop()
+
+
+async def test_flow_control_series_stay_bounded_under_model_and_tenant_churn(monkeypatch):
+    """Label sets beyond the cache bound are forgotten in /metrics too, not only in the cache."""
+    from prometheus_client import generate_latest
+
+    from epp.flowcontrol import series as series_mod
+
+    monkeypatch.setattr(series_mod, "MAX_SERIES", 50)
+    m = EppMetrics()
+    ds = Datastore()
+    ds.replace_endpoints([Endpoint("pod", "10.0.0.1", 8000)])
+    fm = series_mod.FlowMetrics(m, ds)
+    for i in range(2000):
+        req = LLMRequest(f"r{i}", f"model-{i}", f"model-{i}", fairness_id=f"tenant-{i}")
+        s = fm.series(req)
+        assert s is not None
+        s.enqueued(10)
+        s.dequeued(10)
+        s.outcome("Dispatched", 0.0)
+    page = generate_latest(m.registry).decode()
+    assert page.count("inference_extension_flow_control_queue_size{") <= 52
+    assert page.count("inference_extension_flow_control_request_queue_duration_seconds_count{") <= 52
