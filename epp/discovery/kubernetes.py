@@ -9,7 +9,8 @@ What is watched (all in the pool's namespace):
   the selector changes);
 * ``InferenceObjective``, ``InferenceModelRewrite`` and legacy ``InferenceModel``
   (``inference.networking.x-k8s.io/v1alpha2``) when those CRDs are installed and readable:
-  a 404/403 counts as "none" and is retried slowly, so installing the CRDs later works.
+  a 404/403 (on the list, or on a watch: CRD deleted, RBAC revoked) counts as "none" and is
+  retried slowly, so installing the CRDs later works and deleting them clears their objects.
 
 In selector ("standalone") mode only pods are watched; the pool is synthetic and the CRD
 watches are off, as in GIE.
@@ -20,7 +21,8 @@ loop with ``call_soon_threadsafe``, and every cache update and datastore write h
 there, because the datastore is not thread-safe.
 
 Readiness: ``start()`` returns once the pool exists and it, its pods and the optional CRDs
-have each been listed once (it waits, logging a warning, while the pool does not exist).
+have each been listed once (it waits, logging a warning, while the pool does not exist; the
+runner cancels that wait on SIGTERM).
 ``datastore.synced`` is True only while the pool exists and its pods have been listed; a
 deleted pool empties the datastore and turns it False, so readiness must follow
 ``datastore.synced``, not just "start() returned".
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -203,7 +206,10 @@ class KubernetesDiscovery(Discovery):
         watchers = list(self._watchers.values())
 
         def join_all() -> list[str]:
-            return [w.name for w in watchers if not w.join(self._stop_timeout)]
+            # one deadline for all: a thread stuck in a request cannot make stop() take
+            # stop_timeout once per watched resource (they are daemon threads; exit proceeds)
+            deadline = time.monotonic() + self._stop_timeout
+            return [w.name for w in watchers if not w.join(max(0.0, deadline - time.monotonic()))]
 
         stuck = await asyncio.to_thread(join_all)
         if stuck:

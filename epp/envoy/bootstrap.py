@@ -5,9 +5,14 @@ not inside Envoy; this runs once per config, never on the request path. The shap
 ones validated against a real Envoy 1.40 (see envoy_extproc.md in the reference notes):
 
 * ``override-host`` (recommended): a STATIC pool cluster with the ``override_host`` load
-  balancing policy reading the picker's ``envoy.lb`` metadata first, the header second;
-  comma lists become retry fallbacks (route ``retry_policy``); ``selected_host_key`` reports
-  the served endpoint back to the picker. Requires ``receiving_namespaces: [envoy.lb]``.
+  balancing policy reading the picker's ``envoy.lb`` metadata (not the header: a client could
+  set that one whenever the picker is bypassed); ``selected_host_key`` reports the served
+  endpoint back to the picker. Requires ``receiving_namespaces: [envoy.lb]``. Retries (route
+  ``retry_policy``, connect failure / reset) never go back to a host already tried
+  (``previous_hosts``): attempt n takes the n-th entry of a fallback list
+  (``maxNumOfEndpoints`` > 1), and once the list is used up (a single pick: at once) the
+  round-robin fallback policy picks another pod. So a request picked for a pod that just died
+  is rescued by its first retry, whatever ``maxNumOfEndpoints`` is (docs/faults.md).
 * ``original-dst``: an ORIGINAL_DST cluster keyed by the ``x-gateway-destination-endpoint``
   header (GIE's reference config). One endpoint only; no allow-list.
 * ``direct``: no picker, round robin over the pool (what a Kubernetes Service gives).
@@ -34,11 +39,14 @@ from envoy_data_plane.envoy.extensions.filters.http.set_metadata import v3 as se
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
 from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host import v3 as override_host
 from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin import v3 as round_robin
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts import v3 as previous_hosts
 from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls
 from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
 from envoy_data_plane.envoy.type.metadata import v3 as md
 from envoy_data_plane.google.protobuf import Any as PbAny
 from envoy_data_plane.google.protobuf import ListValue, Struct, Value
+
+from epp.envoy.jwt import JWT_NAMESPACE, JwtSpec, jwt_filters
 
 Routing = Literal["override-host", "original-dst", "direct"]
 BodyMode = Literal["FULL_DUPLEX_STREAMED", "BUFFERED", "NONE"]
@@ -48,6 +56,7 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 ACCESS_LOG_FORMAT = (
     "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% flags=%RESPONSE_FLAGS% "
     "upstream=%UPSTREAM_HOST% dur=%DURATION%ms details=%RESPONSE_CODE_DETAILS%\n"
@@ -76,6 +85,9 @@ class EnvoySpec:
     #: a static subset hint (``envoy.lb.subset_hint``) set on every request before ext_proc,
     #: the way a gateway restricts the picker to some endpoints (tests, canaries)
     subset_hint: list[str] | None = None
+    #: verify a JWT on every route before ext_proc (401 without one) and forward its payload
+    #: to the picker as dynamic metadata (``epp serve --tenant-claim``); see epp/envoy/jwt.py
+    jwt: JwtSpec | None = None
 
 
 def _addr(host: str, port: int) -> core.Address:
@@ -135,10 +147,9 @@ def _pool_cluster(spec: EnvoySpec) -> cluster.Cluster:
         name="envoy.load_balancing_policies.round_robin", typed_config=PbAny.pack(round_robin.RoundRobin())
     )
     policy = override_host.OverrideHost(
-        override_host_sources=[
-            override_host.OverrideHostOverrideHostSource(metadata=_mdkey(DESTINATION_HEADER)),
-            override_host.OverrideHostOverrideHostSource(header=DESTINATION_HEADER),
-        ],
+        # metadata only: with the header as a second source a retry re-reads the same pick
+        # from it and goes back to the dead pod (measured: 2 attempts wasted per rescue)
+        override_host_sources=[override_host.OverrideHostOverrideHostSource(metadata=_mdkey(DESTINATION_HEADER))],
         fallback_policy=cluster.LoadBalancingPolicy(policies=[cluster.LoadBalancingPolicyPolicy(typed_extension_config=rr)]),
     )
     if spec.report_served_endpoint:
@@ -174,6 +185,15 @@ def _picker_cluster(spec: EnvoySpec) -> cluster.Cluster:
         },
         load_assignment=_lb_endpoints("ext_proc", spec.pickers),
     )
+    if len(spec.pickers) > 1:
+        # Several pickers: stop opening streams to one that reports NOT_SERVING (it is
+        # draining after SIGTERM, or not synced / not leader) while it still answers them, so a
+        # rolling restart loses nothing. The ext_proc port serves gRPC health too.
+        c.health_checks = [core.HealthCheck(
+            timeout=timedelta(seconds=1), interval=timedelta(seconds=1),
+            no_traffic_interval=timedelta(seconds=1), unhealthy_threshold=1, healthy_threshold=1,
+            grpc_health_check=core.HealthCheckGrpcHealthCheck(service_name=EXT_PROC_SERVICE),
+        )]
     if spec.picker_tls:
         # The picker's certificate is self-signed (as GIE's): encrypt, do not verify.
         ctx = tls.UpstreamTlsContext(common_tls_context=tls.CommonTlsContext(alpn_protocols=["h2"]))
@@ -204,7 +224,7 @@ def _ext_proc_filter(spec: EnvoySpec) -> hcm.HttpFilter:
         metadata_options=ext_proc.MetadataOptions(
             receiving_namespaces=ext_proc.MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
             forwarding_namespaces=ext_proc.MetadataOptionsMetadataNamespaces(
-                untyped=[LB_NAMESPACE, SUBSET_NAMESPACE]
+                untyped=[LB_NAMESPACE, SUBSET_NAMESPACE, *([JWT_NAMESPACE] if spec.jwt is not None else [])]
             ),
         ),
     )
@@ -214,8 +234,17 @@ def _ext_proc_filter(spec: EnvoySpec) -> hcm.HttpFilter:
 def build_bootstrap(spec: EnvoySpec) -> bootstrap.Bootstrap:
     action = route.RouteAction(cluster="pool", timeout=timedelta(seconds=spec.route_timeout_s))
     if spec.routing == "override-host" and spec.retries > 0:
-        # Walk the picker's fallback list on connection failures.
-        action.retry_policy = route.RetryPolicy(retry_on="connect-failure,reset", num_retries=spec.retries)
+        # Walk the picker's fallback list on connection failures, then other pods; never a
+        # host this request already failed on.
+        action.retry_policy = route.RetryPolicy(
+            retry_on="connect-failure,reset",
+            num_retries=spec.retries,
+            retry_host_predicate=[route.RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=PbAny.pack(previous_hosts.PreviousHostsPredicate()),
+            )],
+            host_selection_retry_max_attempts=5,
+        )
     vhost = route.VirtualHost(
         name="all", domains=["*"], routes=[route.Route(match=route.RouteMatch(prefix="/"), route=action)]
     )
@@ -234,6 +263,8 @@ def build_bootstrap(spec: EnvoySpec) -> bootstrap.Bootstrap:
                 ),
             )
         )
+    if spec.jwt is not None:
+        filters.extend(jwt_filters(spec.jwt))
     if spec.routing != "direct" or spec.ext_proc_on_direct:
         filters.append(_ext_proc_filter(spec))
     filters.append(

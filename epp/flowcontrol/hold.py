@@ -59,7 +59,8 @@ def _expire(held: _Held) -> None:
 class EmptyPoolWaiter:
     """Empty-pool holding: candidates, budget, pool-up time, wake-ups (see the module doc)."""
 
-    __slots__ = ("_had_endpoints", "_held", "_listeners", "budget", "datastore", "ready_at", "timers", "waiting")
+    __slots__ = ("_had_endpoints", "_held", "_listeners", "budget", "closed", "datastore", "ready_at", "timers",
+                 "waiting")
 
     def __init__(self, datastore: Datastore, budget: float, timers: Timers) -> None:
         self.datastore = datastore
@@ -73,6 +74,8 @@ class EmptyPoolWaiter:
         self._held: deque[_Held] = deque()
         #: requests suspended in ``wait``
         self.waiting = 0
+        #: set by ``close``: every held and later request fails with it
+        self.closed: RequestError | None = None
         datastore.add_listener(self._changed)
 
     def candidates(self, fn: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:
@@ -106,9 +109,18 @@ class EmptyPoolWaiter:
         for cb in self._listeners:
             cb()
 
+    def close(self, error: RequestError) -> None:
+        """The picker is stopping: fail every held request (and any later one) with ``error``
+        while their streams can still carry the answer."""
+        self.closed = error
+        while self._held:
+            _expire(self._held.popleft())
+
     async def wait(self, fn: Callable[[], Sequence[Endpoint]]) -> Sequence[Endpoint]:
         """Suspend the caller until ``fn`` names an endpoint; ``scaling_error`` past the
         budget. Held requests are woken together, in arrival order, when endpoints appear."""
+        if self.closed is not None:
+            raise self.closed
         loop = asyncio.get_running_loop()
         held = _Held()
         timer = self.timers.call_at(self.timers.clock.now() + self.budget, _expire, held)
@@ -120,7 +132,7 @@ class EmptyPoolWaiter:
                     self._held = deque(h for h in self._held if h.future is not None and not h.future.done())
                 self._held.append(held)
                 if not await fut:
-                    raise self.error()
+                    raise self.closed or self.error()
                 eps = self.candidates(fn)
                 if eps:
                     return eps
@@ -176,3 +188,7 @@ class HoldingAdmission:
 
     def release(self, request: LLMRequest, info: ResponseInfo) -> None:
         return None
+
+    def close(self) -> None:
+        """Shutdown: held requests get 503 now rather than being cut with the stream."""
+        self.waiter.close(errors.unavailable("the endpoint picker is shutting down"))

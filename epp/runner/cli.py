@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -85,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--max-request-body-bytes", type=_size, default=10 * 1024 * 1024,
                      help="larger request bodies are refused with HTTP 413 and a JSON error body "
                           "(bytes, or a size such as 10Mi)")
+    srv.add_argument("--shutdown-grace", type=_duration, default=120.0,
+                     help="on SIGTERM: readiness turns NOT_SERVING but new and running streams are "
+                          "answered until none is open and none started for 2s, or for at most this "
+                          "long (Go duration); then queued requests get 503 and the picker exits. A "
+                          "second SIGTERM/SIGINT stops at once. Keep terminationGracePeriodSeconds >= "
+                          "preStop sleep + this + 10s")
     srv.add_argument("--disable-endpoint-subset-filter", type=_bool, nargs="?", const=True, default=False,
                      help="ignore the gateway's subset hint")
     ha = p.add_argument_group("high availability (Kubernetes)")
@@ -204,21 +211,45 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_request_body_bytes=args.max_request_body_bytes,
         empty_pool_wait=args.empty_pool_wait,
         keda_scaler_port=args.keda_scaler_port,
+        shutdown_grace=args.shutdown_grace,
         **placement_options(args),
     )
 
 
 async def serve(options: ServeOptions) -> None:
+    """Start, serve until SIGTERM/SIGINT, drain, stop. A signal is honoured in every state:
+    while starting (e.g. waiting for an InferencePool that does not exist, or that RBAC hides)
+    the start is abandoned at once; while draining, a second signal ends the drain."""
     server = PickerServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.info("second signal: stopping without waiting for open streams")
+            server.cut_drain()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
-        await stop.wait()
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("signal received before the picker was ready: abandoning the start")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()  # start-up errors propagate (exit 1/2 with a message)
+        await stopping
         log.info("shutting down")
+        await server.drain()
     finally:
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
         await server.stop()
 
 

@@ -4,7 +4,9 @@ Start order matters: metrics → config and plugins (fail fast on a bad config) 
 first full sync → metric scraping → gRPC servers. Readiness (gRPC health on 9003) turns
 SERVING only after discovery synced, so Envoy's health check keeps traffic away from a
 picker that does not know its pool yet. On stop: readiness NOT_SERVING first, then the
-servers drain with a grace period, then background tasks stop.
+picker keeps serving until it is drained (``epp.runner.drain``), then queued requests get 503,
+the servers stop and background tasks stop. ``stop()`` alone (tests, start-up failures) skips
+the drain.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from epp.datalayer.datastore import Datastore
 from epp.datalayer.pool_metrics import PoolMetricsRefresher
 from epp.datalayer.scraper import MetricsScraper
 from epp.discovery.base import Discovery
+from epp.flowcontrol.hold import HoldingAdmission
 from epp.flowcontrol.keda import KedaScaler, start_scaler_server
 from epp.framework.plugin import Lifecycle, Plugin, PluginContext
 from epp.handlers.extproc import ExtProcServicer
@@ -35,6 +38,7 @@ from epp.placement import DemandWithHeld, ModelPlacement, PlacementConfig
 from epp.requestcontrol.director import Director
 from epp.runner import tls
 from epp.runner.admission import build_admission
+from epp.runner.drain import CountingExtProc, Drain, StreamTracker
 from epp.runner.placement import build_placement
 
 if TYPE_CHECKING:
@@ -65,7 +69,13 @@ class ServeOptions:
     metrics_scrape_timeout: float = 1.0
     disable_endpoint_subset_filter: bool = False
     max_request_body_bytes: int = 10 * 1024 * 1024
-    grace_period: float = 5.0
+    #: SIGTERM: keep answering new and running streams (readiness NOT_SERVING) until idle or
+    #: this many seconds (``--shutdown-grace``); streams shorter than it are never cut
+    shutdown_grace: float = 120.0
+    #: the drain ends early once no stream is open and none started for this long
+    shutdown_idle: float = 2.0
+    #: after the drain (or in a plain ``stop()``), how long streams still open may finish
+    grace_period: float = 2.0
     seed: int | None = None
     #: hold requests this long while the pool has no endpoint (scale from zero); 0 = fail fast
     empty_pool_wait: float = 120.0
@@ -81,7 +91,8 @@ class ServeOptions:
 
 @dataclass(slots=True)
 class PickerServer:
-    STOP_STEP_TIMEOUT: ClassVar[float] = 10.0
+    #: bound on the teardown after the gRPC server stopped (parts stop concurrently)
+    TEARDOWN_TIMEOUT: ClassVar[float] = 5.0
     options: ServeOptions
     metrics: EppMetrics = field(default_factory=EppMetrics)
     datastore: Datastore = field(default_factory=Datastore)
@@ -99,6 +110,11 @@ class PickerServer:
     _admission: Any = None  # epp.runner.admission.AdmissionSetup
     _keda_server: grpc.aio.Server | None = None
     _placement: ModelPlacement | None = None
+    #: open ext_proc streams (what the drain waits for)
+    streams: StreamTracker = field(default_factory=StreamTracker)
+    _drain: Drain | None = None
+    _started: bool = False
+    _leader_stopped: bool = False
 
     async def start(self) -> None:
         opts = self.options
@@ -141,7 +157,7 @@ class PickerServer:
         self.bound_ports["health"] = self._grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_health_port}")
         # The ext_proc service is registered now but answers only once started below.
         self._servicer = ExtProcServicer(self.director, require_tls=opts.secure_serving)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self._servicer, self._grpc)
+        pb_grpc.add_ExternalProcessorServicer_to_server(CountingExtProc(self._servicer, self.streams), self._grpc)
         addr = f"{opts.bind_address}:{opts.grpc_port}"
         if opts.secure_serving:
             if opts.cert_path:
@@ -191,6 +207,7 @@ class PickerServer:
 
         await self.set_ready(self._should_be_ready())
         self._readiness_task = asyncio.get_running_loop().create_task(self._follow_readiness())
+        self._started = True
         log.info(
             "picker started",
             extra={
@@ -242,24 +259,64 @@ class PickerServer:
         for svc in READINESS_SERVICES:
             await self._health.set(svc, status)
 
-    async def stop(self) -> None:
-        """Readiness off, then drain and stop every part. Each step is bounded: a part that does
-        not stop in time is logged and left behind, so SIGTERM always ends the process within the
-        pod's grace period instead of waiting for SIGKILL."""
+    async def drain(self) -> str:
+        """SIGTERM: readiness NOT_SERVING (and the Lease released), then keep answering new and
+        running streams until idle, ``shutdown_grace`` or ``cut_drain()``; returns which ended
+        it. Call ``stop()`` afterwards. A picker that never finished starting has nothing to
+        drain."""
+        opts = self.options
+        await self._not_ready()
+        if not self._started or self._grpc is None:
+            return "not started"
+        drain = self._drain = self._drain or Drain(opts.shutdown_grace, opts.shutdown_idle)
+        log.info("draining: readiness NOT_SERVING, %d ext_proc streams open; serving until idle for "
+                 "%.1fs or %.0fs have passed (a second signal stops at once)", self.streams.open,
+                 opts.shutdown_idle, opts.shutdown_grace, extra={"open_streams": self.streams.open})
+        if opts.leader_election is not None:  # a standby takes over while we drain
+            self._leader_stopped = True
+            await self._bounded("leader election", opts.leader_election.stop(), self.TEARDOWN_TIMEOUT)
+        why = await drain.wait(self.streams)
+        log.info("drain ended (%s): %d streams open, %d served since start", why, self.streams.open,
+                 self.streams.started, extra={"open_streams": self.streams.open,
+                                              "streams_served": self.streams.started, "reason": why})
+        return why
+
+    def cut_drain(self) -> None:
+        """End a drain now (a second SIGTERM/SIGINT)."""
+        if self._drain is None:
+            self._drain = Drain(self.options.shutdown_grace, self.options.shutdown_idle)
+        self._drain.cut.set()
+
+    async def _not_ready(self) -> None:
         if self._readiness_task is not None:
             self._readiness_task.cancel()
+            self._readiness_task = None
         if self._health is not None:
             await self.set_ready(False)
-        steps: list[tuple[str, Any]] = []
-        if self.options.leader_election is not None:  # release the Lease: a standby takes over now
-            steps.append(("leader election", self.options.leader_election.stop()))
+
+    async def stop(self) -> None:
+        """Readiness off, queued requests 503, the servers stop (streams still open get
+        ``grace_period``), then every other part. Bounded: a part that does not stop in time is
+        logged and left behind, so SIGTERM always ends the process within the pod's grace
+        period instead of waiting for SIGKILL."""
+        await self._not_ready()
+        opts = self.options
+        if opts.leader_election is not None and not self._leader_stopped:  # release the Lease
+            self._leader_stopped = True
+            await self._bounded("leader election", opts.leader_election.stop(), self.TEARDOWN_TIMEOUT)
+        # Queued / held requests are answered (503 JSON) while their streams are still up.
+        admission = self._admission
+        if admission is not None and admission.controller is not None:
+            await self._bounded("flow control", admission.controller.stop(), self.TEARDOWN_TIMEOUT)
+        elif admission is not None and isinstance(admission.admission, HoldingAdmission):
+            admission.admission.close()
         if self._grpc is not None:
-            steps.append(("gRPC server", self._grpc.stop(self.options.grace_period)))
+            await self._bounded("gRPC server", self._grpc.stop(opts.grace_period),
+                                opts.grace_period + self.TEARDOWN_TIMEOUT)
+        steps: list[tuple[str, Any]] = []
         if self._keda_server is not None:
             steps.append(("KEDA scaler", self._keda_server.stop(0)))
-        if self._admission is not None and self._admission.controller is not None:
-            steps.append(("flow control", self._admission.controller.stop()))
-        steps.append(("discovery", self.options.discovery.stop()))
+        steps.append(("discovery", opts.discovery.stop()))
         if self._scraper is not None:
             steps.append(("metrics scraper", self._scraper.stop()))
         if self._placement is not None:
@@ -271,11 +328,16 @@ class PickerServer:
         for plugin in reversed(self._plugins.values()):
             if isinstance(plugin, Lifecycle):
                 steps.append((f"plugin {plugin.name}", plugin.close()))
-        for what, coro in steps:
-            try:
-                async with asyncio.timeout(self.options.grace_period + self.STOP_STEP_TIMEOUT):
-                    await coro
-            except TimeoutError:
-                log.warning("shutdown step timed out; continuing", extra={"step": what})
+        await asyncio.gather(*(self._bounded(what, coro, self.TEARDOWN_TIMEOUT) for what, coro in steps))
         if self._http is not None:
             self._http.server_close()
+
+    @staticmethod
+    async def _bounded(what: str, coro: Any, limit: float) -> None:
+        try:
+            async with asyncio.timeout(limit):
+                await coro
+        except TimeoutError:
+            log.warning("shutdown step timed out; continuing", extra={"step": what})
+        except Exception:
+            log.exception("shutdown step failed; continuing", extra={"step": what})

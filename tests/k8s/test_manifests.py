@@ -37,6 +37,16 @@ CORE_GROUPS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "apiextensions.k
 OUR_GROUPS = {"inference.networking.k8s.io", "inference.networking.x-k8s.io"}
 THIRD_PARTY = {"gateway.networking.k8s.io/v1", "networking.istio.io/v1", "gateway.envoyproxy.io/v1alpha1"}
 
+
+def _shutdown_grace_default() -> float:
+    """What the picker drains for after SIGTERM when no --shutdown-grace is given."""
+    p = argparse.ArgumentParser()
+    serve_cli.add_arguments(p)
+    return float(p.get_default("shutdown_grace"))
+
+
+SHUTDOWN_GRACE_DEFAULT = _shutdown_grace_default()
+
 kubectl = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(kubectl is None, reason="kubectl not installed")
 
@@ -106,8 +116,17 @@ def check_picker(objs: list[dict[str, Any]], *, standalone: bool = False, ha: bo
     c = spec["containers"][0]
     args = c["args"]
     assert args[0] == "serve"
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
-    assert spec["terminationGracePeriodSeconds"] == 130
+    # HA: a standby is never ready, so only Recreate can roll; one picker: the new one is ready
+    # before the old one drains (never zero pickers during a restart)
+    if ha:
+        assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    else:
+        assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                           "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    # SIGTERM drains for --shutdown-grace after the preStop sleep; the kubelet must not SIGKILL first
+    grace = float(next((a.split("=")[1].rstrip("s") for a in args if a.startswith("--shutdown-grace=")),
+                       SHUTDOWN_GRACE_DEFAULT))
+    assert spec["terminationGracePeriodSeconds"] >= c["lifecycle"]["preStop"]["sleep"]["seconds"] + grace + 5
     assert {p["containerPort"] for p in c["ports"]} >= {9002, 9003, 9090}
     assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
     assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
