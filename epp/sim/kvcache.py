@@ -225,6 +225,11 @@ class KVCache:
         self.cached.clear()
         self.pending_events.append({"type": "AllBlocksCleared"})
 
+    def published_hashes(self) -> set[int]:
+        """The published (uint64) hashes of every block the prefix cache holds: what a KV-event
+        subscriber's view must equal (the precise-index fault tests compare against it)."""
+        return {published_hash(d) for d in self.cached}
+
     def drain_events(self) -> list[dict[str, Any]]:
         """Events since the last call (one engine step's batch)."""
         ev = self.pending_events

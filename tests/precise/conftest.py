@@ -26,7 +26,12 @@ class FakePublisher:
     """A vLLM-shaped PUB (+ ROUTER replay) whose sequence numbers the test controls: ``send``
     publishes live and buffers, ``buffer_only`` buffers without publishing (a lost message)."""
 
-    def __init__(self, topic: str = "kv@fake@sim-model", replay: bool = True) -> None:
+    def __init__(self, topic: str = "kv@fake@sim-model", replay: bool = True, pace_every: int = 0,
+                 pace: float = 0.0) -> None:
+        #: the replay answer pauses ``pace`` seconds after every ``pace_every`` batches (a
+        #: large buffer streamed by a busy engine)
+        self.pace_every = pace_every
+        self.pace = pace
         self.ctx = zmq.asyncio.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -52,9 +57,13 @@ class FakePublisher:
             ident, *rest = await self.router.recv_multipart()
             start = int.from_bytes(rest[-1], "big")
             self.replay_requests.append(start)
+            sent = 0
             for seq, payload in self.buffer:
                 if seq >= start:
                     await self.router.send_multipart([ident, b"", self.topic, seq.to_bytes(8, "big"), payload])
+                    sent += 1
+                    if self.pace_every and sent % self.pace_every == 0:
+                        await asyncio.sleep(self.pace)
             await self.router.send_multipart([ident, b"", b"", END, b""])
 
     def _payload(self, events: list[Any]) -> bytes:

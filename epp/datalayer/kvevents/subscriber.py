@@ -90,6 +90,8 @@ class KVEventSubscriber:
     #: fingerprint (xxh64 of the payload) of the batch ``expected - 1``
     last_fp: int | None = None
     replay: ReplayClient | None = None
+    #: the start-up catch-up is over (applied, or given up): live batches are being followed
+    caught_up: bool = False
     _task: asyncio.Task[None] | None = None
     _monitor_task: asyncio.Task[None] | None = None
     _sock: zmq.asyncio.Socket | None = None
@@ -132,6 +134,7 @@ class KVEventSubscriber:
         self._monitor_task = asyncio.get_running_loop().create_task(self._watch(monitor))
         try:
             await self._catch_up()
+            self.caught_up = True
             while True:
                 frames = await sock.recv_multipart()
                 if len(frames) < 3:
