@@ -48,6 +48,7 @@ from epp.framework import errors
 from epp.framework.errors import RequestError
 from epp.handlers import messages as msgs
 from epp.requestcontrol.candidates import SUBSET_KEY, SUBSET_NAMESPACE
+from epp.requestcontrol.conformance import SERVED_RESPONSE_HEADER
 from epp.requestcontrol.director import DESTINATION_HEADER, Director, RequestContext, RoutingDecision
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     rh = msg.response_headers
                     director.response_headers(ctx, _response_headers(rh.headers), _served(msg))
                     sse = ctx.response.streaming
-                    yield msgs.EMPTY_RESPONSE_HEADERS
+                    served = director.conformance_served(ctx) if director.conformance_hooks else None
+                    if served is None:
+                        yield msgs.EMPTY_RESPONSE_HEADERS
+                    else:  # GIE conformance hooks: report what served
+                        yield msgs.response_headers_response({SERVED_RESPONSE_HEADER: served})
                     if rh.end_of_stream:
                         resp = _DONE
                         director.complete(ctx)

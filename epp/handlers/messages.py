@@ -63,6 +63,13 @@ def routed_headers_response(
     )
 
 
+def response_headers_response(set_headers: Mapping[str, str]) -> pb.ProcessingResponse:
+    """A response_headers answer that sets headers on the client's response."""
+    return pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=header_mutation(set_headers)))
+    )
+
+
 def routed_replace_response(
     destination: str, set_headers: Mapping[str, str], body: bytes, remove: tuple[str, ...] = ()
 ) -> pb.ProcessingResponse:

@@ -34,12 +34,14 @@ from epp.framework.requestcontrol import Admission, Parser, Placement, PreReques
 from epp.framework.scheduling import LLMRequest, SchedulingError, SchedulingResult
 from epp.metrics import EppMetrics, ModelSeries, ModelSeriesCache
 from epp.plugins.requestcontrol.openai_parser import OpenAIParser
+from epp.requestcontrol import conformance
 from epp.requestcontrol.candidates import subset_candidates
 from epp.requestcontrol.modellabels import OTHER, ModelLabels
 from epp.requestcontrol.objectives import resolve_priority
 from epp.requestcontrol.response import BodyRewriter
 from epp.requestcontrol.rewrite import resolve_target_model
 from epp.requestcontrol.splice import replace_model
+from epp.requestcontrol.tracing import RequestTrace, RequestTracer
 
 # Request headers GIE defines (inputs the gateway or client sets).
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
@@ -88,6 +90,7 @@ class RequestContext:
     admitted: bool = False  # admission.admit returned: admission.release is owed
     running: bool = False  # counted in the running-requests gauge
     placed: bool = False  # placement.ensure returned: placement.release is owed
+    trace: RequestTrace | None = None  # OpenTelemetry spans (tracing on only)
 
 
 def estimate_prompt_tokens(prefix_text_len: int) -> int:
@@ -113,6 +116,10 @@ class Director:
     rng: random.Random = field(default_factory=random.Random)
     #: model placement (``--model-placement``): the model loaded somewhere before admission
     placement: Placement | None = None
+    #: GIE conformance hooks (``--enable-conformance-hooks``): see ``requestcontrol.conformance``
+    conformance_hooks: bool = False
+    #: OpenTelemetry spans per request; None (tracing off) costs one attribute check
+    tracer: RequestTracer | None = None
     _series: ModelSeriesCache | None = None
     _served: dict[tuple[str, bool], Any] = field(default_factory=dict)
     _labels: ModelLabels | None = None
@@ -125,7 +132,7 @@ class Director:
     # ---------------------------------------------------------------- request
     def new_context(self, headers: dict[str, str], subset_hint: Any = None) -> RequestContext:
         rid = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
-        return RequestContext(
+        ctx = RequestContext(
             request_id=rid,
             headers=headers,
             path=headers.get(":path", "/"),
@@ -133,6 +140,9 @@ class Director:
             received_at=time.monotonic(),
             subset_hint=subset_hint,
         )
+        if self.tracer is not None:
+            ctx.trace = self.tracer.start(headers)
+        return ctx
 
     def _candidates(self, ctx: RequestContext) -> Sequence[Endpoint]:
         """Pool (or subset-hint) endpoints, preferring those with fresh metrics.
@@ -156,20 +166,45 @@ class Director:
 
     def route_headers_only(self, ctx: RequestContext) -> RoutingDecision:
         """A request with no body (GET /v1/models, ...): any ready endpoint will do."""
-        candidates = self._candidates(ctx)
-        if not candidates:
-            raise errors.unavailable("no ready endpoints in the inference pool")
-        ep = candidates[self.rng.randrange(len(candidates))]
+        trace = ctx.trace
+        start = time.time_ns() if trace is not None else 0
+        try:
+            if self.conformance_hooks and conformance.SELECTION_HEADER in ctx.headers:
+                targets = conformance.selected(self.datastore, ctx.headers[conformance.SELECTION_HEADER]).targets
+                ep = targets[0]
+                destination = ",".join(e.key for e in targets)
+            else:
+                candidates = self._candidates(ctx)
+                if not candidates:
+                    raise errors.unavailable("no ready endpoints in the inference pool")
+                ep = candidates[self.rng.randrange(len(candidates))]
+                destination = ep.key
+        except RequestError as exc:
+            if trace is not None:
+                trace.failed(exc)
+            raise
         ctx.endpoint = ep
         ep.inflight += 1
-        ctx.destination = ep.key
-        return RoutingDecision(destination=ep.key, body=None)
+        ctx.destination = destination
+        decision = RoutingDecision(destination=destination, body=None)
+        if trace is not None:
+            trace.picked(start, destination, decision.set_headers, "headers-only")
+        return decision
 
     async def route(self, ctx: RequestContext, raw: bytes | bytearray) -> RoutingDecision:
         """Choose the destination for a request whose whole body is ``raw``.
 
         Raises RequestError for anything the client should be told.
         """
+        if ctx.trace is None:
+            return await self._route(ctx, raw, None)
+        try:
+            return await self._route(ctx, raw, ctx.trace)
+        except RequestError as exc:
+            ctx.trace.failed(exc)
+            raise
+
+    async def _route(self, ctx: RequestContext, raw: bytes | bytearray, trace: RequestTrace | None) -> RoutingDecision:
         metrics = self.metrics
         try:
             parsed = self.parser.parse(raw, ctx.path)
@@ -200,6 +235,8 @@ class Director:
             cache_salt=parsed.cache_salt,
         )
         ctx.request = req
+        if trace is not None:
+            trace.started(req)
         series = None
         if self._series is not None:
             labels = self._labels
@@ -212,22 +249,33 @@ class Director:
             series.request_sizes.observe(len(raw))
             if metrics is not None and rule is not None:
                 metrics.model_rewrite_decisions.labels(rule.source, model_label, target_label).inc()
+        selection = headers.get(conformance.SELECTION_HEADER) if self.conformance_hooks else None
         try:
             if self.placement is not None:
                 await self.placement.ensure(req)  # may hold the request while its model loads
                 ctx.placed = True
-            candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
+            if trace is None:
+                candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
+            else:
+                candidates = await trace.admit(self.admission, req, lambda: self._candidates(ctx))
             ctx.admitted = True
             try:
-                result = self.scheduler.schedule(req, candidates)
+                if selection is not None:
+                    result = conformance.selected(self.datastore, selection)
+                elif trace is None:
+                    result = self.scheduler.schedule(req, candidates)
+                else:
+                    result = trace.schedule(self.scheduler, req, candidates)
             except SchedulingError as exc:
                 raise errors.shed(f"failed to schedule the request: {exc}") from None
         except RequestError as exc:
             if series is not None:
                 series.errors(exc.code).inc()
             raise
-        for plugin in self.pre_request:
-            plugin.pre_request(req, result)
+        picked_at = time.time_ns() if trace is not None else 0
+        if selection is None:  # the test header's pick skips the plugins that learn from a pick
+            for plugin in self.pre_request:
+                plugin.pre_request(req, result)
         targets = result.targets
         primary = targets[0]
         ctx.endpoint = primary
@@ -243,11 +291,17 @@ class Director:
             ctx.running = True
         ctx.rewriter = BodyRewriter(ctx.response, target, parsed.model)
         if target != parsed.model:
-            return RoutingDecision(
+            decision = RoutingDecision(
                 ctx.destination, _rewritten(parsed.body, raw, target), True, result.headers,
                 tuple(result.remove_headers),
             )
-        return RoutingDecision(ctx.destination, raw, False, result.headers, tuple(result.remove_headers))
+        else:
+            decision = RoutingDecision(ctx.destination, raw, False, result.headers, tuple(result.remove_headers))
+        if trace is not None:
+            decision.set_headers = dict(decision.set_headers)  # the trace context goes upstream too
+            trace.picked(picked_at, ctx.destination, decision.set_headers,
+                         "conformance-header" if selection is not None else "scheduler")
+        return decision
 
     # --------------------------------------------------------------- response
     def response_headers(self, ctx: RequestContext, headers: Mapping[str, str], served: str | None) -> None:
@@ -271,6 +325,10 @@ class Director:
             if (info.status >= 400 or info.status == 0) and ctx.series is not None:
                 ctx.series.errors(errors.MODEL_SERVER_ERROR).inc()
 
+    def conformance_served(self, ctx: RequestContext) -> str | None:
+        """``x-conformance-test-served-endpoint`` for this response (conformance hooks on)."""
+        return conformance.served_endpoint(ctx.response.served_endpoint, ctx.destination)
+
     def _served_child(self, m: EppMetrics, key: tuple[str, bool]) -> Any:
         """The served-endpoint counter child; an address outside the pool (metadata is
         whatever the ext_proc peer sent) is counted as ``other``, so the label stays bounded."""
@@ -293,6 +351,8 @@ class Director:
         if ctx.completed:
             return
         ctx.completed = True
+        if ctx.trace is not None:
+            ctx.trace.end(ctx.response)
         ep = ctx.endpoint
         if ep is not None:
             ep.inflight -= 1

@@ -19,6 +19,11 @@ Good enough for the official ``kubernetes`` client (and ``kubectl get --raw``-st
   that is not the current one gets 409 Conflict, as optimistic concurrency does), DELETE,
   and POST on the collection (create; 409 AlreadyExists) for every kind above plus
   ``coordination.k8s.io/v1`` Leases (leader election).
+* ``POST /apis/authentication.k8s.io/v1/tokenreviews`` and
+  ``POST /apis/authorization.k8s.io/v1/subjectaccessreviews`` answered as the real server
+  does (``status.authenticated`` + ``status.user``; ``status.allowed`` + ``reason``) from the
+  tokens of ``add_token`` and the non-resource grants of ``grant`` (what a ClusterRole with
+  ``nonResourceURLs`` gives); 400/422 for the requests the real server rejects.
 
 Everything binds 127.0.0.1 only. Use it from pytest via the ``fake_k8s`` fixture
 (tests/k8s/conftest.py) or directly::
@@ -121,6 +126,8 @@ class FakeKube:
         self.requests: list[str] = []  # "GET /path?query", for assertions
         self.request_times: list[float] = []  # time.monotonic() of each entry of ``requests``
         self._open_watches: dict[str, int] = {}  # plural -> watches streaming right now
+        self._tokens: dict[str, dict[str, Any]] = {}  # bearer token -> TokenReview status.user
+        self._grants: set[tuple[str, str, str]] = set()  # (user or group, non-resource path, verb)
         self.port = 0
 
     # ---- lifecycle ----
@@ -257,6 +264,59 @@ class FakeKube:
         with self._cond:
             return [(at, r) for at, r in zip(self.request_times, self.requests, strict=True)
                     if at >= t and path_contains in r]
+
+    # ---- authentication and authorisation (TokenReview / SubjectAccessReview) ----
+    def add_token(self, token: str, username: str, groups: Iterable[str] = (), uid: str = "") -> None:
+        """A bearer token the TokenReview API accepts as ``username`` (plus the groups every
+        authenticated user has, as the real server adds)."""
+        with self._cond:
+            self._tokens[token] = {"username": username, "uid": uid or f"uid-{next(self._uid)}",
+                                   "groups": [*groups, "system:authenticated"]}
+
+    def revoke_token(self, token: str) -> None:
+        with self._cond:
+            self._tokens.pop(token, None)
+
+    def grant(self, subject: str, path: str = "/metrics", verb: str = "get") -> None:
+        """Let a user or group ``verb`` the non-resource URL ``path`` (``"*"`` matches any)."""
+        with self._cond:
+            self._grants.add((subject, path, verb))
+
+    def revoke(self, subject: str, path: str = "/metrics", verb: str = "get") -> None:
+        with self._cond:
+            self._grants.discard((subject, path, verb))
+
+    def _token_review(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        token = (body.get("spec") or {}).get("token") or ""
+        if not token:
+            return 400, _status(400, "token is required for TokenReview in authentication", "BadRequest")
+        with self._cond:
+            user = copy.deepcopy(self._tokens.get(token))
+        status: dict[str, Any] = ({"authenticated": True, "user": user} if user is not None
+                                  else {"user": {}, "error": "[invalid bearer token, token lookup failed]"})
+        return 201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                     "metadata": {"creationTimestamp": None}, "spec": body.get("spec"), "status": status}
+
+    def _access_review(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        spec = body.get("spec") or {}
+        user, groups = spec.get("user") or "", list(spec.get("groups") or [])
+        nra, ra = spec.get("nonResourceAttributes"), spec.get("resourceAttributes")
+        if not user and not groups:
+            return 422, _status(422, "spec.user: Invalid value: \"\": at least one of user or group must be "
+                                     "specified", "Invalid")
+        if (nra is None) == (ra is None):
+            return 422, _status(422, "spec.nonResourceAttributes: Invalid value: exactly one of "
+                                     "nonResourceAttributes or resourceAttributes must be specified", "Invalid")
+        allowed = False
+        if nra is not None:
+            path, verb = nra.get("path") or "", nra.get("verb") or ""
+            with self._cond:
+                allowed = any(s in (user, *groups) and p in (path, "*") and v in (verb, "*")
+                              for s, p, v in self._grants)
+        status = ({"allowed": True, "reason": "RBAC: allowed by ClusterRoleBinding \"fake\""} if allowed
+                  else {"allowed": False})
+        return 201, {"kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+                     "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
 
     # ---- objects ----
     def _key(self, obj: dict[str, Any]) -> tuple[ResKey, str, str]:
@@ -591,7 +651,34 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json(200, fake._list((group, plural), ns, labels, fields))
 
+    _REVIEWS = {"/apis/authentication.k8s.io/v1/tokenreviews": "_token_review",
+                "/apis/authorization.k8s.io/v1/subjectaccessreviews": "_access_review"}
+
+    def _review(self) -> bool:
+        """Cluster-scoped review APIs (TokenReview, SubjectAccessReview): True if answered."""
+        path = urlsplit(self.path).path.rstrip("/")
+        review = self._REVIEWS.get(path)
+        if review is None:
+            return False
+        fake = self.fake
+        if fake._server is None:
+            self.close_connection = True
+            return True
+        with fake._cond:
+            fake.requests.append(f"POST {self.path}")
+            fake.request_times.append(time.monotonic())
+        failure = fake._take_failure(path)
+        if failure is not None:
+            self._send_json(failure, _status(failure, "injected failure"))
+            return True
+        body = self._read_body()
+        if body is not None:
+            self._send_json(*getattr(fake, review)(body))
+        return True
+
     def do_POST(self) -> None:
+        if self._review():
+            return
         route = self._route("POST")
         if route is None:
             return

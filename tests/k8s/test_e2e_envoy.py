@@ -155,6 +155,7 @@ def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sCluster]:
                 "--pool-name", "pool", "--pool-namespace", "default",
                 "--grpc-port", str(grpc), "--grpc-health-port", str(health), "--metrics-port", str(metrics),
                 "--bind-address", HOST, "--log-format", "text",
+                "--metrics-endpoint-auth=false",  # the test scrapes without a token (auth: test_metrics_auth)
             ], ready=lambda: grpc_serving(HOST, health), timeout=30,
                 env={"KUBECONFIG": kubeconfig, "KUBERNETES_SERVICE_HOST": ""})
             listen = free_port_block(2)
