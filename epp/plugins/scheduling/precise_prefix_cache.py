@@ -127,6 +127,7 @@ class PrecisePrefixCacheScorer(Scorer, PrepareRequest, PreRequest):
         #: (due, endpoint key, first block key) of recent picks, for the tokenizer check
         self._checks: deque[tuple[float, str, int]] = deque(maxlen=4096)
         self.checks = {"match": 0, "mismatch": 0}
+        self.check_delay = CHECK_DELAY
         self._warn_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -251,8 +252,8 @@ class PrecisePrefixCacheScorer(Scorer, PrepareRequest, PreRequest):
         if not keys:
             return
         now = monotonic()
-        self._check(now)
-        self._checks.append((now + CHECK_DELAY, target.key, keys[0]))
+        self.settle_checks(now)
+        self._checks.append((now + self.check_delay, target.key, keys[0]))
         recovery = self.index.recovery
         if recovery.recovering(now):
             limit = self.params.max_prefix_blocks_to_match * bs
@@ -272,9 +273,10 @@ class PrecisePrefixCacheScorer(Scorer, PrepareRequest, PreRequest):
         if self._metrics is not None:
             self._metrics.precise_speculative_entries.set(self.index.speculative_count)
 
-    def _check(self, now: float) -> None:
+    def settle_checks(self, now: float | None = None) -> bool:
         """Settle the tokenizer checks that are due: did the engine report the pick's first
-        block under the picker's key?"""
+        block under the picker's key? (Runs with each pick; True for use in conditions.)"""
+        now = monotonic() if now is None else now
         checks = self._checks
         holds = self.index.holds
         while checks and checks[0][0] <= now:
@@ -283,3 +285,4 @@ class PrecisePrefixCacheScorer(Scorer, PrepareRequest, PreRequest):
             self.checks[outcome] += 1
             if self._metrics is not None:
                 self._metrics.precise_tokenizer_checks.labels(outcome).inc()
+        return True
