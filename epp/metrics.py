@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from epp.usage import series as usage_series
+
 _LATENCY_BUCKETS = (
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 )
@@ -198,6 +200,21 @@ class EppMetrics:
             "Requests the picker holds (state=queued, incl. those waiting for an empty pool to "
             "scale up) or has in flight (state=inflight): the KEDA scaling signal.",
             ("inference_pool", "state"), registry=r)
+        # --- per-tenant usage (epp/requestcontrol/usage.py; names shared with `epp usage`) ---
+        _T = ("inference_pool", "tenant", "tier")
+        self.tenant_requests = Counter(
+            usage_series.REQUESTS,
+            "Requests per tenant and tier: outcome=served (routed to a pod) or rejected (429/503 by the "
+            "picker). Tenants beyond --usage-max-tenants are counted as 'other'.",
+            (*_T, "outcome"), registry=r)
+        self.tenant_tokens = Counter(
+            usage_series.TOKENS,
+            "Tokens per tenant and tier from the response usage; type is prompt (uncached), cached or "
+            "completion.", (*_T, "type"), registry=r)
+        self.tenant_queue_seconds = Counter(
+            usage_series.QUEUE_SECONDS,
+            "Seconds served requests waited in admission (flow-control queue, empty-pool hold), summed "
+            "per tenant and tier.", _T, registry=r)
         # --- P/D disaggregation (disagg-profile-handler) ---
         self.pd_decisions = Counter(
             "epp_pd_decisions_total",

@@ -50,6 +50,7 @@ from epp.handlers import messages as msgs
 from epp.requestcontrol.candidates import SUBSET_KEY, SUBSET_NAMESPACE
 from epp.requestcontrol.conformance import SERVED_RESPONSE_HEADER
 from epp.requestcontrol.director import DESTINATION_HEADER, Director, RequestContext, RoutingDecision
+from epp.requestcontrol.tenants import ClaimsLocation
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,24 @@ def _subset_hint(msg: pb.ProcessingRequest) -> Any:
         return None
     value = _value(fields[SUBSET_KEY])
     return value if value is not None else []
+
+
+def _claims(msg: pb.ProcessingRequest, where: ClaimsLocation | None) -> Any:
+    """The gateway-verified claims (e.g. jwt_authn's ``payload_in_metadata``) as the Struct
+    itself: the tenant resolver reads the one or two claims it needs, nothing is converted."""
+    if where is None:
+        return None
+    fm = msg.metadata_context.filter_metadata
+    if where.namespace not in fm:
+        return None
+    payload = fm[where.namespace]
+    if where.key is None:
+        return payload
+    fields = payload.fields
+    if where.key not in fields:
+        return None
+    value = fields[where.key]
+    return value.struct_value if value.WhichOneof("kind") == "struct_value" else None
 
 
 def _served(msg: pb.ProcessingRequest) -> str | None:
@@ -277,7 +296,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     if msg.HasField("protocol_config"):
                         req_mode = msg.protocol_config.request_body_mode
                         resp_mode = msg.protocol_config.response_body_mode
-                    ctx = director.new_context(_headers(msg.request_headers.headers), _subset_hint(msg))
+                    ctx = director.new_context(_headers(msg.request_headers.headers), _subset_hint(msg),
+                                               _claims(msg, director.tenants.claims_at))
                     eos = msg.request_headers.end_of_stream
                     req = _DONE if eos else _BODY
                     if eos or (req_mode != FULL_DUPLEX and req_mode != BUFFERED):
@@ -290,7 +310,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             continue
                         routed = True
                         yield msgs.routed_headers_response(
-                            decision.destination, {DESTINATION_HEADER: decision.destination}
+                            decision.destination, {DESTINATION_HEADER: decision.destination}, decision.remove_headers
                         )
                     elif req_mode == BUFFERED:
                         yield msgs.EMPTY_REQUEST_HEADERS
@@ -322,6 +342,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     req = _DONE
                     yield msgs.EMPTY_REQUEST_TRAILERS
                 elif kind == "response_headers":
+                    if ctx is None and req == _IDLE:
+                        # Envoy's local reply to a request a filter before ext_proc stopped
+                        # (jwt_authn's 401, ext_authz's 403): the picker never saw the request,
+                        # it passes the reply on unchanged.
+                        if msg.HasField("protocol_config"):
+                            resp_mode = msg.protocol_config.response_body_mode
+                        ctx = RequestContext(request_id="", headers={})
                     if resp != _IDLE or ctx is None:
                         raise ProtocolError(kind, "response headers before request headers" if ctx is None
                                             else "a second response_headers on one stream")

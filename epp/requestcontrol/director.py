@@ -41,17 +41,17 @@ from epp.requestcontrol.objectives import resolve_priority
 from epp.requestcontrol.response import BodyRewriter
 from epp.requestcontrol.rewrite import resolve_target_model
 from epp.requestcontrol.splice import replace_model
+from epp.requestcontrol.tenants import Tenant, TenantSource
 from epp.requestcontrol.tracing import RequestTrace, RequestTracer
+from epp.requestcontrol.usage import UsageRecorder
 
 # Request headers GIE defines (inputs the gateway or client sets).
-FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 REWRITE_HEADER = "x-gateway-model-name-rewrite"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVED_HEADER = "x-gateway-destination-endpoint-served"
 REQUEST_ID_HEADER = "x-request-id"
-DEFAULT_FAIRNESS_ID = "default-flow"
 
 
 class SchedulerLike(Protocol):
@@ -91,6 +91,9 @@ class RequestContext:
     running: bool = False  # counted in the running-requests gauge
     placed: bool = False  # placement.ensure returned: placement.release is owed
     trace: RequestTrace | None = None  # OpenTelemetry spans (tracing on only)
+    claims: Any = None  # the gateway-verified claims (dynamic metadata), when configured
+    tenant: Tenant | None = None  # resolved with the body (epp.requestcontrol.tenants)
+    queue_seconds: float = 0.0  # time spent waiting in admission
 
 
 def estimate_prompt_tokens(prefix_text_len: int) -> int:
@@ -120,6 +123,10 @@ class Director:
     conformance_hooks: bool = False
     #: OpenTelemetry spans per request; None (tracing off) costs one attribute check
     tracer: RequestTracer | None = None
+    #: where a request's tenant and tier come from (``--tenant-*``; default: the client header)
+    tenants: TenantSource = field(default_factory=TenantSource)
+    #: per-tenant usage series (``epp usage``); None without metrics
+    usage: UsageRecorder | None = None
     _series: ModelSeriesCache | None = None
     _served: dict[tuple[str, bool], Any] = field(default_factory=dict)
     _labels: ModelLabels | None = None
@@ -130,7 +137,7 @@ class Director:
         self._labels = ModelLabels(self.datastore)
 
     # ---------------------------------------------------------------- request
-    def new_context(self, headers: dict[str, str], subset_hint: Any = None) -> RequestContext:
+    def new_context(self, headers: dict[str, str], subset_hint: Any = None, claims: Any = None) -> RequestContext:
         rid = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
         ctx = RequestContext(
             request_id=rid,
@@ -139,6 +146,7 @@ class Director:
             method=headers.get(":method", "POST"),
             received_at=time.monotonic(),
             subset_hint=subset_hint,
+            claims=claims,
         )
         if self.tracer is not None:
             ctx.trace = self.tracer.start(headers)
@@ -186,7 +194,7 @@ class Director:
         ctx.endpoint = ep
         ep.inflight += 1
         ctx.destination = destination
-        decision = RoutingDecision(destination=destination, body=None)
+        decision = RoutingDecision(destination=destination, body=None, remove_headers=self.tenants.strip_headers)
         if trace is not None:
             trace.picked(start, destination, decision.set_headers, "headers-only")
         return decision
@@ -218,6 +226,7 @@ class Director:
         )
         objective = headers.get(OBJECTIVE_HEADER)
         priority = resolve_priority(self.datastore, objective, parsed.model)
+        tenant = ctx.tenant = self.tenants.resolve(headers, ctx.claims)
         req = LLMRequest(
             request_id=ctx.request_id,
             target_model=target,
@@ -230,7 +239,7 @@ class Director:
             max_tokens=parsed.max_tokens,
             estimated_prompt_tokens=estimate_prompt_tokens(len(parsed.prefix_text)),
             priority=priority,
-            fairness_id=headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID,
+            fairness_id=tenant.fairness_id,
             objective=objective,
             cache_salt=parsed.cache_salt,
         )
@@ -254,10 +263,12 @@ class Director:
             if self.placement is not None:
                 await self.placement.ensure(req)  # may hold the request while its model loads
                 ctx.placed = True
+            admit_at = time.monotonic()
             if trace is None:
                 candidates = await self.admission.admit(req, lambda: self._candidates(ctx))
             else:
                 candidates = await trace.admit(self.admission, req, lambda: self._candidates(ctx))
+            ctx.queue_seconds = time.monotonic() - admit_at
             ctx.admitted = True
             try:
                 if selection is not None:
@@ -271,6 +282,8 @@ class Director:
         except RequestError as exc:
             if series is not None:
                 series.errors(exc.code).inc()
+            if self.usage is not None and (exc.status == 429 or exc.status == 503):
+                self.usage.rejected(tenant.tenant, tenant.tier)
             raise
         picked_at = time.time_ns() if trace is not None else 0
         if selection is None:  # the test header's pick skips the plugins that learn from a pick
@@ -297,6 +310,9 @@ class Director:
             )
         else:
             decision = RoutingDecision(ctx.destination, raw, False, result.headers, tuple(result.remove_headers))
+        strip = self.tenants.strip_headers  # an untrusted client fairness header
+        if strip:
+            decision.remove_headers = (*decision.remove_headers, *strip)
         if trace is not None:
             decision.set_headers = dict(decision.set_headers)  # the trace context goes upstream too
             trace.picked(picked_at, ctx.destination, decision.set_headers,
@@ -363,6 +379,9 @@ class Director:
             return
         if ctx.admitted:
             self.admission.release(req, info)
+        if self.usage is not None and ep is not None and ctx.tenant is not None:
+            self.usage.served(ctx.tenant.tenant, ctx.tenant.tier, info.prompt_tokens, info.cached_tokens,
+                              info.completion_tokens, ctx.queue_seconds)
         if ctx.placed and self.placement is not None:
             self.placement.release(req, ep)
         s = ctx.series
