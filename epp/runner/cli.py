@@ -25,6 +25,7 @@ from epp.framework.plugin import parse_duration
 from epp.runner.logs import setup_logging
 from epp.runner.placement import add_placement_arguments, placement_options
 from epp.runner.server import PickerServer, ServeOptions
+from epp.runner.tracing import setup_tracing
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
@@ -110,6 +111,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fc.add_argument("--keda-scaler-port", type=int, default=-1,
                     help="serve the KEDA external scaler gRPC API on this port (manifests use 9004); "
                          "off unless given")
+    obs = p.add_argument_group("observability and testing")
+    obs.add_argument("--metrics-endpoint-auth", type=_bool, nargs="?", const=True, default=None,
+                     help="/metrics callers need a bearer token that passes a Kubernetes TokenReview and a "
+                          "SubjectAccessReview for get on /metrics (default: on with --pool-name or "
+                          "--endpoint-selector, off with a static pool)")
+    obs.add_argument("--tracing", type=_bool, nargs="?", const=True, default=True,
+                     help="OpenTelemetry tracing when the OTEL_* environment asks for it (OTEL_TRACES_EXPORTER, "
+                          "OTEL_EXPORTER_OTLP_ENDPOINT, ...; docs/observability.md); false ignores it")
+    obs.add_argument("--enable-conformance-hooks", type=_bool, nargs="?", const=True, default=False,
+                     help="GIE conformance tests only: route to the endpoints of the test-epp-endpoint-selection "
+                          "header and report x-conformance-test-served-endpoint (never in production)")
     add_placement_arguments(p)
     cfg = p.add_argument_group("configuration")
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
@@ -194,6 +206,9 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         except OSError as exc:
             raise ConfigError(f"--config-file {args.config_file}: {exc.strerror}") from None
     discovery = build_discovery(args)
+    metrics_auth = args.metrics_endpoint_auth
+    if metrics_auth is None:  # GIE's default (on) in Kubernetes; a static pool has no API server
+        metrics_auth = bool(args.pool_name or args.endpoint_selector)
     return ServeOptions(
         discovery=discovery,
         leader_election=build_leader_election(args, discovery),
@@ -211,6 +226,9 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_request_body_bytes=args.max_request_body_bytes,
         empty_pool_wait=args.empty_pool_wait,
         keda_scaler_port=args.keda_scaler_port,
+        metrics_endpoint_auth=metrics_auth,
+        conformance_hooks=args.enable_conformance_hooks,
+        tracer_provider=setup_tracing(os.environ, args.tracing),
         shutdown_grace=args.shutdown_grace,
         **placement_options(args),
     )

@@ -21,7 +21,6 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from prometheus_client import start_http_server
 
 import epp
 from epp.config.loader import build_scheduling, load_config
@@ -36,9 +35,11 @@ from epp.handlers.extproc import ExtProcServicer
 from epp.metrics import EppMetrics
 from epp.placement import DemandWithHeld, ModelPlacement, PlacementConfig
 from epp.requestcontrol.director import Director
+from epp.requestcontrol.tracing import RequestTracer
 from epp.runner import tls
 from epp.runner.admission import build_admission
 from epp.runner.drain import CountingExtProc, Drain, StreamTracker
+from epp.runner.metrics_http import start_metrics_server
 from epp.runner.placement import build_placement
 
 if TYPE_CHECKING:
@@ -84,6 +85,12 @@ class ServeOptions:
     keda_scaler_port: int = -1
     #: active-passive HA (``--ha-enable-leader-election``): ready only while leader
     leader_election: LeaderElector | None = None
+    #: /metrics callers must pass a TokenReview + SubjectAccessReview (``--metrics-endpoint-auth``)
+    metrics_endpoint_auth: bool = False
+    #: GIE conformance test hooks (``--enable-conformance-hooks``)
+    conformance_hooks: bool = False
+    #: an OpenTelemetry SDK TracerProvider (``epp.runner.tracing``); None = tracing off
+    tracer_provider: Any = None
     #: model placement (``--model-placement``; None: off) and this replica's peer URL
     placement: PlacementConfig | None = None
     placement_self: str | None = None
@@ -140,6 +147,8 @@ class PickerServer:
             disable_subset_filter=opts.disable_endpoint_subset_filter,
             staleness=opts.metrics_staleness_threshold,
             rng=random.Random(opts.seed),
+            conformance_hooks=opts.conformance_hooks,
+            tracer=RequestTracer(opts.tracer_provider) if opts.tracer_provider is not None else None,
             placement=self._placement,
         )
 
@@ -174,7 +183,12 @@ class PickerServer:
             await opts.leader_election.start()
 
         if opts.metrics_port >= 0:
-            self._http, _ = start_http_server(opts.metrics_port, opts.bind_address, registry=self.metrics.registry)
+            auth = None
+            if opts.metrics_endpoint_auth:
+                from epp.runner.auth import load_metrics_auth
+
+                auth = await asyncio.to_thread(load_metrics_auth)
+            self._http, _ = start_metrics_server(self.metrics.registry, opts.metrics_port, opts.bind_address, auth)
             self.bound_ports["metrics"] = self._http.server_port
 
         await opts.discovery.start(self.datastore)
@@ -325,6 +339,8 @@ class PickerServer:
             steps.append(("pool metrics", self._pool_metrics.stop()))
         if self._http is not None:
             steps.append(("metrics HTTP server", asyncio.to_thread(self._http.shutdown)))
+        if self.options.tracer_provider is not None:  # export the spans still batched
+            steps.append(("tracing", asyncio.to_thread(self.options.tracer_provider.shutdown)))
         for plugin in reversed(self._plugins.values()):
             if isinstance(plugin, Lifecycle):
                 steps.append((f"plugin {plugin.name}", plugin.close()))

@@ -366,7 +366,8 @@ def helm_render(values: dict[str, Any], name: str = "qwen", namespace: str = "ll
 def test_helm_variant(variant: str) -> None:
     objs = helm_render(HELM_VARIANTS[variant])
     validate_objects(objs, f"helm {variant}")
-    assert all(o["metadata"].get("namespace") == "llm" for o in objs)
+    assert all(o["metadata"].get("namespace") == "llm" for o in objs
+               if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"))  # cluster-scoped: metrics auth RBAC
     check_picker(objs, standalone=variant == "standalone", ha=variant == "ha")
     args = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     if variant == "standalone":
