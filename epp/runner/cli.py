@@ -25,6 +25,7 @@ from epp.framework.plugin import parse_duration
 from epp.runner.logs import setup_logging
 from epp.runner.placement import add_placement_arguments, placement_options
 from epp.runner.server import PickerServer, ServeOptions
+from epp.runner.tenants import add_tenant_arguments, tenant_options
 from epp.runner.tracing import setup_tracing
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="GIE conformance tests only: route to the endpoints of the test-epp-endpoint-selection "
                           "header and report x-conformance-test-served-endpoint (never in production)")
     add_placement_arguments(p)
+    add_tenant_arguments(p)
     cfg = p.add_argument_group("configuration")
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
@@ -231,6 +233,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         tracer_provider=setup_tracing(os.environ, args.tracing),
         shutdown_grace=args.shutdown_grace,
         **placement_options(args),
+        **tenant_options(args),
     )
 
 

@@ -12,6 +12,7 @@ the drain.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -35,12 +36,15 @@ from epp.handlers.extproc import ExtProcServicer
 from epp.metrics import EppMetrics
 from epp.placement import DemandWithHeld, ModelPlacement, PlacementConfig
 from epp.requestcontrol.director import Director
+from epp.requestcontrol.tenants import TenantSource
 from epp.requestcontrol.tracing import RequestTracer
+from epp.requestcontrol.usage import UsageRecorder
 from epp.runner import tls
 from epp.runner.admission import build_admission
 from epp.runner.drain import CountingExtProc, Drain, StreamTracker
 from epp.runner.metrics_http import start_metrics_server
 from epp.runner.placement import build_placement
+from epp.runner.tenants import tier_names
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
@@ -94,6 +98,10 @@ class ServeOptions:
     #: model placement (``--model-placement``; None: off) and this replica's peer URL
     placement: PlacementConfig | None = None
     placement_self: str | None = None
+    #: where tenants and tiers come from (``--tenant-*``; default: the client's fairness header)
+    tenants: TenantSource = field(default_factory=TenantSource)
+    #: tenants with their own usage label values before the rest fold into "other"
+    usage_max_tenants: int = 100
 
 
 @dataclass(slots=True)
@@ -150,6 +158,8 @@ class PickerServer:
             conformance_hooks=opts.conformance_hooks,
             tracer=RequestTracer(opts.tracer_provider) if opts.tracer_provider is not None else None,
             placement=self._placement,
+            tenants=dataclasses.replace(opts.tenants, tiers=tier_names(self._plugins.values())),
+            usage=UsageRecorder(self.metrics, lambda: self.datastore.pool.name, opts.usage_max_tenants),
         )
 
         # One gRPC server for both ports: a second grpc.aio server in the process costs ~10 %
