@@ -16,7 +16,7 @@ from epp.config.policies import PolicyLookup, build_policy_lookup
 from epp.framework.datalayer import DataSource, MetricsExtractor
 from epp.framework.flowcontrol import SaturationDetector
 from epp.framework.plugin import Plugin, PluginContext
-from epp.framework.requestcontrol import Parser, PreRequest, ResponseComplete
+from epp.framework.requestcontrol import Parser, PrepareRequest, PreRequest, ResponseComplete
 from epp.framework.scheduling import Filter, Picker, ProfileHandler, SchedulerProfile, Scorer, WeightedScorer
 from epp.scheduling.scheduler import Scheduler
 
@@ -50,6 +50,8 @@ class SchedulingBundle:
     policies: PolicyLookup
     #: every instantiated plugin by name
     plugins: dict[str, Plugin] = field(default_factory=dict)
+    #: plugins with a PrepareRequest hook (awaited before admission), in config order
+    prepare_request: tuple[PrepareRequest, ...] = ()
 
 
 def _instantiate(cfg: PickerConfig, ctx: PluginContext) -> dict[str, Plugin]:
@@ -93,6 +95,7 @@ def build_scheduling(cfg: PickerConfig, ctx: PluginContext) -> SchedulingBundle:
         profile_handler=handler,
         profiles=profiles,
         pre_request=tuple(p for p in instances.values() if isinstance(p, PreRequest)),
+        prepare_request=tuple(p for p in instances.values() if isinstance(p, PrepareRequest)),
         response_complete=tuple(p for p in instances.values() if isinstance(p, ResponseComplete)),
         saturation_detector=get(cfg.saturation_detector, SaturationDetector),
         parser=get(cfg.parser, Parser),

@@ -30,7 +30,15 @@ from epp.flowcontrol.legacy import LegacyAdmission
 from epp.framework import errors
 from epp.framework.datalayer import Endpoint
 from epp.framework.errors import RequestError
-from epp.framework.requestcontrol import Admission, Parser, Placement, PreRequest, ResponseComplete, ResponseInfo
+from epp.framework.requestcontrol import (
+    Admission,
+    Parser,
+    Placement,
+    PrepareRequest,
+    PreRequest,
+    ResponseComplete,
+    ResponseInfo,
+)
 from epp.framework.scheduling import LLMRequest, SchedulingError, SchedulingResult
 from epp.metrics import EppMetrics, ModelSeries, ModelSeriesCache
 from epp.plugins.requestcontrol.openai_parser import OpenAIParser
@@ -107,6 +115,8 @@ class Director:
     scheduler: SchedulerLike
     metrics: EppMetrics | None = None
     pre_request: Sequence[PreRequest] = ()
+    #: awaited before admission (e.g. the precise prefix scorer's tokenization)
+    prepare_request: Sequence[PrepareRequest] = ()
     response_complete: Sequence[ResponseComplete] = ()
     admission: Admission = field(default_factory=lambda: LegacyAdmission(None))
     #: the configured ``parser`` plugin (GIE's openai-parser by default)
@@ -258,6 +268,8 @@ class Director:
             series.request_sizes.observe(len(raw))
             if metrics is not None and rule is not None:
                 metrics.model_rewrite_decisions.labels(rule.source, model_label, target_label).inc()
+        for prep in self.prepare_request:
+            await prep.prepare_request(req)
         selection = headers.get(conformance.SELECTION_HEADER) if self.conformance_hooks else None
         try:
             if self.placement is not None:

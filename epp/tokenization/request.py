@@ -57,7 +57,7 @@ class RequestTokenizer:
     workers: int = 2
     max_queue: int = 64
     #: encode uncached text of at least this many characters on the worker pool
-    offload_chars: int = 2048
+    offload_chars: int = 512
     _renders: OrderedDict[tuple[int, int], tuple[str, bool]] = field(default_factory=OrderedDict)
     _pool: ThreadPoolExecutor | None = None
     _queued: int = 0

@@ -94,3 +94,50 @@ def test_cache_salt_separates_keys() -> None:
     idx.apply("a", [salted])
     assert idx.match(block_keys(TOKENS, BS)) == {}
     assert idx.match(block_keys(TOKENS, BS, extras=("s3cret",))) == {"a": 2.0}
+
+
+def test_match_equals_a_plain_walk_on_random_indexes() -> None:
+    # the hot-path walk (inlined probes, runs of identical owners) against the definition
+    import random
+
+    rng = random.Random(7)
+    tokens = list(range(1000, 1000 + 40 * BS))
+    keys = block_keys(tokens, BS)
+    for _ in range(60):
+        idx = KVBlockIndex()
+        eps = [f"e{i}" for i in range(rng.randrange(1, 6))]
+        held: dict[str, dict[int, float]] = {ep: {} for ep in eps}
+        for ep in eps:
+            n = rng.randrange(0, 41)
+            medium = rng.choice(["GPU", "CPU"])
+            if n:
+                idx.apply(ep, [BlockStored(tuple(range(1, n + 1)), None, tuple(tokens[: n * BS]), BS, None, medium)])
+                held[ep] = {i: (1.0 if medium == "GPU" else 0.8) for i in range(n)}
+            for h in rng.sample(range(1, 41), rng.randrange(0, 3)):  # holes
+                idx.apply(ep, [BlockRemoved((h,), medium)])
+                held[ep].pop(h - 1, None)
+        spec_ep = rng.choice(eps)
+        lo = rng.randrange(0, 40)
+        idx.add_speculative(spec_ep, keys[lo: lo + rng.randrange(0, 8)], ttl=5.0, now=100.0)
+        spec = {i for i in range(len(keys)) if keys[i] in idx._spec and spec_ep in idx._spec[keys[i]]}
+        want: dict[str, float] = {}
+        for ep in eps:
+            total, i = 0.0, 0
+            while i < len(keys):
+                if i in held[ep]:
+                    total += held[ep][i]
+                elif ep == spec_ep and i in spec:
+                    total += 1.0
+                else:
+                    break
+                i += 1
+            if i:
+                want[ep] = total
+        counts: dict[str, int] = {}
+        got = idx.match(keys, now=101.0, held_counts=counts)
+        assert got.keys() == want.keys() and all(abs(got[e] - want[e]) < 1e-9 for e in want), (got, want)
+        for ep in want:
+            n = 0
+            while n in held[ep]:
+                n += 1
+            assert counts[ep] == min(n, next((i for i in range(len(keys)) if i not in held[ep]), len(keys)))

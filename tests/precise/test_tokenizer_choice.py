@@ -3,7 +3,7 @@ when its tokens are not the engine's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,9 @@ from epp.config.loader import ConfigError
 from epp.datalayer.datastore import Datastore
 from epp.framework.datalayer import Endpoint
 from epp.framework.plugin import PluginContext
+from epp.framework.scheduling import LLMRequest, ProfileRunResult, SchedulingResult
 from epp.metrics import EppMetrics
+from epp.requestcontrol.director import Director
 from epp.sim.config import SimConfig
 from epp.sim.pool import SimPool
 from epp.tokenization import HFBackend, PrefixTokenCache, RequestTokenizer
@@ -167,3 +169,22 @@ async def test_a_tokenizer_that_is_not_the_engines_is_reported(which: str, hf_di
         finally:
             await scorer.close()
             await relay.close()
+
+
+async def test_the_director_awaits_tokenization_before_scheduling() -> None:
+    cfg = load_config(CONFIG.format(params="{tokenizer: builtin}"))
+    ds = Datastore()
+    ds.replace_endpoints([Endpoint("a", "10.0.0.1", 8000)])
+    bundle = build_scheduling(cfg, PluginContext(ds, EppMetrics()))
+    scorer = bundle.plugins["precise-prefix-cache-scorer"]
+    assert bundle.prepare_request == (scorer,)
+    seen: list[bool] = []
+
+    class Scheduler:
+        def schedule(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+            seen.append(scorer._state_key in request.state)  # type: ignore[attr-defined]
+            return SchedulingResult({"default": ProfileRunResult([candidates[0]])}, "default")
+
+    d = Director(datastore=ds, scheduler=Scheduler(), prepare_request=bundle.prepare_request)
+    await d.route(d.new_context({":path": "/v1/completions"}), orjson.dumps({"model": "m", "prompt": "hi " * 40}))
+    assert seen == [True]

@@ -312,7 +312,11 @@ class KVBlockIndex:
             self.recovery.on_clear(name)
 
     # ------------------------------------------------------------------ speculative
-    def add_speculative(self, endpoint: str, keys: Sequence[int], ttl: float, now: float | None = None) -> None:
+    def add_speculative(self, endpoint: str, keys: Sequence[int], ttl: float, now: float | None = None,
+                        held: int = 0) -> None:
+        """Guess that ``endpoint`` holds ``keys`` for ``ttl`` seconds; the first ``held`` keys
+        are known to be held (``match``'s ``held_counts``) and skipped without a lookup."""
+        keys = keys[held:]
         if not keys or ttl <= 0:
             return
         now = monotonic() if now is None else now
@@ -358,26 +362,40 @@ class KVBlockIndex:
                         del spec[key]
 
     # ------------------------------------------------------------------ matching
-    def match(self, keys: Sequence[int], now: float | None = None) -> dict[str, float]:
+    def match(self, keys: Sequence[int], now: float | None = None, held_counts: dict[str, int] | None = None
+              ) -> dict[str, float]:
         """Endpoint → weighted count of *consecutive* blocks it holds from the first key.
 
         A block counts with the weight of its best tier; a live speculative entry counts 1.
+        ``held_counts`` (optional) receives, per matched endpoint, how many leading keys it
+        holds for real (no speculative entry among them).
+        This walk is the scorer's hot path: the table probe is inlined, and a run of keys held
+        by the same endpoints with the same tiers (a prefix every pod holds) costs one
+        comparison per key.
         """
         if not keys:
             return {}
         table = self._owners.table
-        tkeys = table._keys  # the probe is inlined: this loop is the scorer's hot path
+        tkeys = table._keys
         tvals = table._vals
         tmask = table._mask
-        owners_of = self._owners.owners_of
+        multi = self._owners._multi
         names = self._names
-        spec_get = self._spec.get
+        spec_map = self._spec
+        spec_get = spec_map.get
         weight = self._weight
         now = monotonic() if now is None else now
         result: dict[str, float] = {}
         alive: dict[str, float] = {}
+        held: dict[str, float] = {}
+        last_v = 0
+        last_record = b""
+        run_held: dict[str, float] | None = None  # held of the previous key, if it decided alone
+        run = 0
         first = True
-        for key in keys:
+        guessed: dict[str, int] = {}  # endpoint → first position matched only speculatively
+        end = len(keys)
+        for pos, key in enumerate(keys):
             k = key or 1
             i = k & tmask
             v = 0
@@ -389,38 +407,65 @@ class KVBlockIndex:
                 if x == 0:
                     break
                 i = (i + 1) & tmask
-            spec = spec_get(key)
-            if not v and spec is None:
-                break
-            held: dict[str, int]
-            if v > 0:
-                held = {names[v >> 4]: v & 15}
-            elif v < 0:
-                held = {names[idx]: m for idx, m in owners_of(v).items()}
-            else:
+            spec = spec_get(key) if spec_map else None
+            if not v:
+                if spec is None:
+                    end = pos
+                    break
                 held = {}
+                last_v = 0
+            elif v != last_v:
+                last_v = v
+                if v > 0:
+                    held = {names[v >> 4]: weight(v & 15)}
+                else:
+                    record = multi[-v - 1]
+                    if record != last_record:
+                        last_record = record
+                        held = {names[record[j] | record[j + 1] << 8]: weight(record[j + 2])
+                                for j in range(0, len(record), 3)}
             if first:
                 first = False
-                for ep, mask in held.items():
-                    alive[ep] = weight(mask)
+                alive = dict(held)
                 if spec:
                     for ep, exp in spec.items():
                         if exp > now and ep not in alive:
                             alive[ep] = 1.0
+                            guessed[ep] = 0
                 if not alive:
+                    end = 0
                     break
+                run_held = held if spec is None else None
                 continue
+            if spec is None and held is run_held:
+                run += 1  # every endpoint still alive holds this key with the same tiers
+                continue
+            if run:
+                assert run_held is not None
+                for ep in alive:
+                    alive[ep] += run_held[ep] * run
+                run = 0
             for ep in list(alive):
                 got = held.get(ep)
                 if got is not None:
-                    alive[ep] += weight(got)
+                    alive[ep] += got
                 elif spec is not None and spec.get(ep, 0.0) > now:
                     alive[ep] += 1.0
+                    guessed.setdefault(ep, pos)
                 else:
                     result[ep] = alive.pop(ep)
+                    if held_counts is not None:
+                        held_counts[ep] = guessed.get(ep, pos)
             if not alive:
                 break
+            run_held = held if spec is None else None
+        if run and run_held is not None:
+            for ep in alive:
+                alive[ep] += run_held[ep] * run
         result.update(alive)
+        if held_counts is not None:
+            for ep in alive:
+                held_counts[ep] = guessed.get(ep, end)
         return result
 
     def namespace_for(self, model: str) -> str:

@@ -51,7 +51,14 @@ class OwnerTable:
             return 0
         if v > 0:
             return v & 15 if v >> 4 == idx else 0
-        return self.owners_of(v).get(idx, 0)
+        record = self._multi[-v - 1]
+        pair = bytes((idx & 0xFF, idx >> 8))
+        j = record.find(pair)
+        while j != -1:  # a C-speed scan; the pair must sit on a record boundary
+            if j % 3 == 0:
+                return record[j + 2]
+            j = record.find(pair, j + 1)
+        return 0
 
     def add_bit(self, key: int, idx: int, bit: int) -> int:
         """Add tier ``bit`` for endpoint ``idx``; returns the previous mask (0: a new entry)."""

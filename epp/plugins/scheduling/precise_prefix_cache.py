@@ -102,6 +102,8 @@ class _Match:
     keys: dict[int, list[int]] = field(default_factory=dict)
     #: block size → endpoint key → weighted consecutive matched blocks
     matches: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: block size → endpoint key → leading blocks it holds for real
+    held: dict[int, dict[str, int]] = field(default_factory=dict)
     learned: bool = False
 
 
@@ -223,7 +225,9 @@ class PrecisePrefixCacheScorer(Scorer, PrepareRequest, PreRequest):
                 extras = (request.cache_salt,) if request.cache_salt else ()
                 keys = block_keys(tokens, block_size, ns, self.params.max_prefix_blocks_to_match, extras=extras)
             st.keys[block_size] = keys
-            st.matches[block_size] = self.index.match(keys) if keys else {}
+            held: dict[str, int] = {}
+            st.matches[block_size] = self.index.match(keys, held_counts=held) if keys else {}
+            st.held[block_size] = held
         return keys
 
     def score(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
@@ -264,12 +268,13 @@ class PrecisePrefixCacheScorer(Scorer, PrepareRequest, PreRequest):
         if not self.params.speculative_indexing:
             return
         ttl = self.params.speculative_ttl
-        self.index.add_speculative(target.key, keys, ttl, now)
+        self.index.add_speculative(target.key, keys, ttl, now, st.held[bs].get(target.key, 0))
         prefill = result.profile_results.get(PREFILL_PROFILE)
         if prefill is not None and prefill.target_endpoints:
             pf = prefill.target_endpoints[0]
             if pf is not target:
-                self.index.add_speculative(pf.key, self._keys(request, st, self._block_size(pf)), ttl, now)
+                pbs = self._block_size(pf)
+                self.index.add_speculative(pf.key, self._keys(request, st, pbs), ttl, now, st.held[pbs].get(pf.key, 0))
         if self._metrics is not None:
             self._metrics.precise_speculative_entries.set(self.index.speculative_count)
 
