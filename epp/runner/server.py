@@ -148,6 +148,7 @@ class PickerServer:
             scheduler=bundle.scheduler,
             metrics=self.metrics,
             pre_request=tuple(bundle.pre_request),
+            prepare_request=tuple(bundle.prepare_request),
             response_complete=tuple(bundle.response_complete),
             admission=self._admission.admission,
             parser=bundle.parser,
