@@ -156,7 +156,10 @@ class MetricsParser:
     Build one per engine type and reuse it; ``parse`` is pure and never raises.
     """
 
-    __slots__ = ("_families", "_field_alts", "_prefixes", "mapping")
+    __slots__ = ("_families", "_field_alts", "_label_cache", "_prefixes", "mapping")
+
+    #: distinct label sets remembered by ``_label_cache`` before it starts over
+    LABEL_CACHE_SIZE = 1024
 
     def __init__(self, mapping: MetricMapping) -> None:
         self.mapping = mapping
@@ -179,6 +182,13 @@ class MetricsParser:
                     fam.needs_labels = True
         # longest first is not needed: we compare the sliced name exactly afterwards
         self._prefixes = tuple(self._families)
+        # label text -> parsed labels: info gauges (cache config: ~40 labels) repeat the same
+        # label set at every scrape, and parsing it was most of a scrape's parse time
+        self._label_cache: dict[str, dict[str, str]] = {}
+
+    def family_names(self) -> tuple[str, ...]:
+        """The metric families this parser reads: a caller may hand ``parse`` only their lines."""
+        return self._prefixes
 
     def parse(self, text: str) -> tuple[EndpointMetrics, frozenset[str]]:
         """Parse a page. ``updated_at`` is left at 0 (the scraper stamps it)."""
@@ -198,8 +208,24 @@ class MetricsParser:
                     continue  # a garbled line: skip it, keep the rest of the page
         return self._assemble(found)
 
-    @staticmethod
-    def _scan_line(line: str, families: dict[str, _Family],
+    def _labels(self, line: str, start: int) -> tuple[dict[str, str], int]:
+        """``parse_labels`` remembered by label text (the returned dict is shared: read-only)."""
+        close = line.rfind("}")
+        if close < start:
+            raise ValueError("unterminated label set")
+        text = line[start: close + 1]
+        cache = self._label_cache
+        labels = cache.get(text)
+        if labels is None:
+            labels, end = parse_labels(text, 0)
+            if end != len(text):  # a '}' inside a quoted value: parse the line itself
+                return parse_labels(line, start)
+            if len(cache) >= self.LABEL_CACHE_SIZE:
+                cache.clear()
+            cache[text] = labels
+        return labels, close + 1
+
+    def _scan_line(self, line: str, families: dict[str, _Family],
                    found: list[dict[int, list[tuple[float, dict[str, str] | None]]]]) -> None:
         brace = line.find("{")
         space = line.find(" ")
@@ -217,7 +243,7 @@ class MetricsParser:
             rest_at += 1
         if rest_at < len(line) and line[rest_at] == "{":
             if fam.needs_labels:
-                labels, rest_at = parse_labels(line, rest_at)
+                labels, rest_at = self._labels(line, rest_at)
             else:
                 close = line.rfind("}")
                 if close < rest_at:

@@ -19,6 +19,7 @@ from epp.framework.datalayer import Endpoint
 from epp.metrics import EppMetrics
 from epp.plugins.datalayer.core_metrics_extractor import CoreMetricsExtractor
 from epp.plugins.datalayer.metrics_data_source import MetricsDataSource, MetricsDataSourceParams
+from tests.waiting import wait_until
 
 SAMPLE = (Path(__file__).resolve().parents[2] / "data" / "vllm_metrics_sample.txt").read_text()
 WAIT = 5.0  # upper bound for anything we wait on; tests normally finish far sooner
@@ -297,3 +298,46 @@ def test_bad_arguments() -> None:
 
     with pytest.raises(ValueError, match="unknown field"):
         scraper_for(Datastore(), extractor=BadExtractor("bad"))
+
+
+def test_scraping_does_not_need_the_callers_loop() -> None:
+    """Metrics keep arriving while the loop that started the scraper (in ``epp serve``: the
+    loop answering Envoy) is busy and never yields: fetching and parsing happen on the
+    scraper's own thread, and the hot path only reads the published object."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = page(5, 1, 0.25).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ep = Endpoint(name="pod", address="127.0.0.1", port=server.server_address[1])
+    ds = Datastore()
+    ds.replace_endpoints([ep])
+    scraper = scraper_for(ds, interval=0.02)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scraper.start())
+        # the caller's loop is not running now: nothing is scheduled on it
+        wait_until(lambda: ep.metrics.waiting_queue_size == 5, timeout=WAIT,
+                   what="metrics scraped while the caller's loop is blocked")
+        first = ep.metrics
+        wait_until(lambda: ep.metrics is not first, timeout=WAIT, what="a second scrape")
+        assert ep.metrics.kv_cache_usage == 0.25
+        assert scraper.scrapes_done() >= 2
+    finally:
+        loop.run_until_complete(scraper.stop())
+        loop.close()
+        server.shutdown()
+        server.server_close()
