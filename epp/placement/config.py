@@ -8,7 +8,7 @@ YAML with camelCase keys; unknown keys and bad values fail the start with the fi
     loadTimeout: 60s           # one POST /v1/load_lora_adapter (connect + load)
     minChurnAge: 30s           # a copy younger than this is not evicted for another model's copy
     scaleDownDelay: 60s        # surplus copies are unloaded after being surplus this long
-    copyHeadroom: 0.25         # extra capacity a hot model's copies are sized with
+    copyLoadFactor: 1.5        # a copy may carry 1.5x the average pod's load before another is added
     minInflightPerCopy: 2      # a copy is "busy" only above this many requests in flight
     maxCopies: 0               # copies of one model at most (0: every pod)
     slotsPerPod: 0             # adapters a pod holds (0: the pod's vllm:lora_requests_info max_lora)
@@ -56,7 +56,9 @@ class PlacementConfig(BaseModel):
     unload_timeout: Duration = 10.0
     min_churn_age: Duration = 30.0
     scale_down_delay: Duration = 60.0
-    copy_headroom: float = Field(default=0.25, ge=0.0, le=10.0)
+    #: a model's copies may each carry this many times the pool's average per-pod work before
+    #: it gets another copy (above 1: fewer extra copies, so fewer evictions when slots are short)
+    copy_load_factor: float = Field(default=1.5, ge=0.5, le=10.0)
     min_inflight_per_copy: float = Field(default=2.0, gt=0.0)
     #: a copy of a busier model may evict a copy whose per-copy load is this many times lower
     eviction_ratio: float = Field(default=4.0, ge=1.0)

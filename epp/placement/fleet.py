@@ -89,8 +89,9 @@ class Fleet:
     pods: dict[str, PodView] = field(default_factory=dict)
     #: model → keys of the pods serving it (adapters and base models); rebuilt on change
     holders: dict[str, frozenset[str]] = field(default_factory=dict)
-    #: model → the holders new requests may go to: not draining or unloading (when every
-    #: copy is, all holders: a request is better served by a leaving copy than by none)
+    #: model → the holders new requests may go to: never a copy being unloaded; a draining
+    #: copy only when no other is left (a model whose every copy is being unloaded has none:
+    #: its requests are held like those for a model loaded nowhere)
     routable: dict[str, frozenset[str]] = field(default_factory=dict)
 
     # ---- the endpoint set
@@ -175,17 +176,28 @@ class Fleet:
     def reindex(self) -> None:
         """Rebuild ``holders`` / ``routable`` (after any change of copies, draining or unloading)."""
         holders: dict[str, set[str]] = {}
-        leaving: dict[str, set[str]] = {}
+        unloading: dict[str, set[str]] = {}
+        draining: dict[str, set[str]] = {}
         for pod in self.pods.values():
             for m in pod.adapters:
                 holders.setdefault(m, set()).add(pod.key)
-                if m in pod.draining or m in pod.unloading:
-                    leaving.setdefault(m, set()).add(pod.key)
+                if m in pod.unloading:
+                    unloading.setdefault(m, set()).add(pod.key)
+                elif m in pod.draining:
+                    draining.setdefault(m, set()).add(pod.key)
             for m in pod.bases:
                 holders.setdefault(m, set()).add(pod.key)
         self.holders = {m: frozenset(v) for m, v in holders.items()}
-        self.routable = {m: frozenset(v - leaving[m]) if m in leaving and v - leaving[m] else self.holders[m]
-                         for m, v in holders.items()}
+        routable: dict[str, frozenset[str]] = {}
+        for m, v in holders.items():
+            if m not in unloading and m not in draining:
+                routable[m] = self.holders[m]
+                continue
+            staying = v - unloading.get(m, set())
+            preferred = staying - draining.get(m, set())
+            if preferred or staying:
+                routable[m] = frozenset(preferred or staying)
+        self.routable = routable
 
 
 def per_copy_demand(model: str, models: Mapping[str, ModelState], fleet: Fleet) -> float:

@@ -165,7 +165,7 @@ class ModelPlacement:
         request.state.set(_COUNTED, st)
         if st.inflight == 1:
             self._notify()
-        if self.fleet.holders.get(model):
+        if self.fleet.routable.get(model):
             return
         if not self.fleet.pods and not loadable(model, self.catalogue()):
             return  # a base model and an empty pool: admission holds it (scale from zero)
@@ -177,7 +177,8 @@ class ModelPlacement:
             raise
 
     def candidates(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
-        keys = self.fleet.routable.get(request.target_model)
+        model = request.target_model
+        keys = self.fleet.routable.get(model) or self.fleet.holders.get(model)
         if not keys:
             return endpoints
         picked = [ep for ep in endpoints if ep.key in keys]
@@ -216,7 +217,7 @@ class ModelPlacement:
         self._notify()
         outcome = "loaded"
         try:
-            while not self.fleet.holders.get(model):
+            while not self.fleet.routable.get(model):
                 now = self.clock()
                 if st.failed_until > now:
                     outcome = "failed"
@@ -268,7 +269,7 @@ class ModelPlacement:
         """Load a model nobody holds, on the policy's choice; while no slot can be freed (every
         copy busy), retry until no request waits for it anymore."""
         st = self.models[model]
-        while not self.fleet.holders.get(model) and st.held > 0:
+        while not self.fleet.routable.get(model) and st.held > 0:
             load = choose_pod(model, self.fleet, self.models, self.catalogue(), self.cfg, self.clock(), cold=True)
             if load is None:
                 await asyncio.sleep(_NO_VICTIM_RETRY)
@@ -305,7 +306,7 @@ class ModelPlacement:
         st = self.models.setdefault(model, ModelState(model))
         st.inflight += 1
         try:
-            if not self.fleet.holders.get(model):
+            if not self.fleet.routable.get(model):
                 await self._hold(st)
         finally:
             self._uncount(st)

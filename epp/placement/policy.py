@@ -10,13 +10,13 @@ The rules (docs/model-sharing.md explains them with their knobs):
   used idle copy (equal recency: the one with the least demand per copy), preferring copies
   older than ``minChurnAge``. A copy with requests in flight, or running/waiting in the pod's metrics,
   is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
-* **Copies follow demand**: a model's smoothed in-flight count, divided by what one copy
-  should carry — the pool's average per pod, at least ``minInflightPerCopy`` — times
-  ``1 + copyHeadroom``, rounded up, is the copies it wants (at most ``maxCopies``, at most
-  one per pod). Extra copies go to free slots, or evict a copy whose demand per copy is
-  ``evictionRatio`` times lower than the hot model's (and older than ``minChurnAge``).
-  Because it is a share of the pool, the rule sizes copies the same on every replica, at
-  any load level, and needs no per-deployment requests-per-minute threshold.
+* **Copies follow demand**: a model's smoothed in-flight count, divided by what one copy may
+  carry — ``copyLoadFactor`` times the pool's average per pod, and at least
+  ``minInflightPerCopy`` — rounded up, is the copies it wants (at most ``maxCopies``, at most
+  one per pod). Extra copies go to free slots on the least loaded pods, or evict a copy whose
+  demand per copy is ``evictionRatio`` times lower than the hot model's (and older than
+  ``minChurnAge``). Because it is a share of the pool, the rule sizes copies the same on every
+  replica, at any load level, and needs no per-deployment requests-per-minute threshold.
 * **Scale down**: a model with more copies than it wants for ``scaleDownDelay`` loses its
   least used copy, one per delay. A copy nobody used for ``idleUnloadAfter`` is unloaded,
   the last one too: an adapter with no demand frees its slot (scale to zero per model).
@@ -93,8 +93,8 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                cold: bool, exclude: frozenset[str] = frozenset()) -> Load | None:
     """Where a new copy of ``model`` goes (None: nowhere right now).
 
-    Free slot first (least loaded pod), else evict an idle copy (``victim``): across pods the
-    least recently used one, then the least loaded pod. For a cold miss any idle
+    Free slot first (least loaded pod), else evict an idle copy (``victim``): for a cold miss
+    the least recently used one across pods, for a scale-up one on the least loaded pod. For a cold miss any idle
     copy may go, old ones first; for a scale-up only a copy older than ``minChurnAge`` whose
     demand per copy is ``evictionRatio`` times below the hot model's.
     """
@@ -112,7 +112,11 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                 v = victim(pod, fleet, models, catalogue, now, ages)
                 if v is None or (not cold and v[1] * cfg.eviction_ratio >= hot):
                     continue
-                key = (1, v[0], v[1], pod.load, _tie(pod.key, model))
+                # cold: the least recently used copy anywhere (it is the least likely to be
+                # asked for again soon); scale-up: the least loaded pod, the new copy's work
+                # must go somewhere with room
+                key = ((1, v[0], v[1], pod.load, _tie(pod.key, model)) if cold
+                       else (1, pod.load, v[1], v[0], _tie(pod.key, model)))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[2])
             if best is None or key < best[0]:
                 best = (key, load)
@@ -125,8 +129,8 @@ def desired_copies(model: ModelState, total_concurrency: float, capable_pods: in
     """Copies ``model`` wants: its share of the in-flight work, in pods' worth (module doc)."""
     if capable_pods <= 0:
         return 0
-    per_copy = max(cfg.min_inflight_per_copy, total_concurrency / capable_pods)
-    want = math.ceil(model.concurrency * (1.0 + cfg.copy_headroom) / per_copy - 1e-9)
+    per_copy = max(cfg.min_inflight_per_copy, cfg.copy_load_factor * total_concurrency / capable_pods)
+    want = math.ceil(model.concurrency / per_copy - 1e-9)
     cap = min(capable_pods, cfg.max_copies or capable_pods)
     return max(1, min(want, cap))
 
