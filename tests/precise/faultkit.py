@@ -52,7 +52,8 @@ class Relay:
         pub = self.ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.bind(f"tcp://{HOST}:{self.port or '*'}")
-        self.port = int(pub.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        last = pub.getsockopt(zmq.LAST_ENDPOINT)
+        self.port = int((last.decode() if isinstance(last, bytes) else str(last)).rsplit(":", 1)[1])
         self._socks = [sub, pub]
         self._task = asyncio.get_running_loop().create_task(self._run(sub, pub))
 
@@ -93,18 +94,25 @@ class Router:
     """Schedules with the precise scorer (ties → round robin), then sends the request to the
     chosen pod over HTTP: the picker's request path without Envoy and gRPC."""
 
-    def __init__(self, scorer: PrecisePrefixCacheScorer, pool: SimPool, endpoints: list[Endpoint]) -> None:
+    def __init__(self, scorer: PrecisePrefixCacheScorer, pool: SimPool | list[str], endpoints: list[Endpoint],
+                 model: str = "sim-model") -> None:
         self.scorer = scorer
-        self.pool = pool
+        self.urls = pool if isinstance(pool, list) else [pod.url for pod in pool.pods]
         self.endpoints = endpoints
+        self.model = model
         self.rr = 0
         self.picks: list[int] = []
 
     async def send(self, session: aiohttp.ClientSession, prompt: str, max_tokens: int = 1,
                    home: int | None = None) -> int:
-        body: dict[str, Any] = {"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens}
-        req = LLMRequest(request_id="r", target_model="sim-model", incoming_model="sim-model", api="completions",
-                         body=body)
+        return (await self.complete(session, prompt, max_tokens, home))[0]
+
+    async def complete(self, session: aiohttp.ClientSession, prompt: str, max_tokens: int = 1,
+                       home: int | None = None) -> tuple[int, dict[str, Any]]:
+        """(endpoint index, response usage)."""
+        model = self.model
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
+        req = LLMRequest(request_id="r", target_model=model, incoming_model=model, api="completions", body=body)
         await self.scorer.prepare_request(req)
         scores = self.scorer.score(req, self.endpoints)
         best = max(scores)
@@ -113,12 +121,15 @@ class Router:
         self.rr += 1
         ep = self.endpoints[i]
         self.scorer.pre_request(req, SchedulingResult({"default": ProfileRunResult([ep])}, "default"))
-        await post(session, self.pool.pods[i].url, body)
+        usage = await post(session, self.urls[i], body)
         self.picks.append(i)
-        return i
+        return i, usage
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a completion; returns its usage."""
     async with session.post(url + "/v1/completions", json=body) as r:
         assert r.status == 200, await r.text()
-        await r.read()
+        doc = await r.json()
+    usage: dict[str, Any] = doc.get("usage") or {}
+    return usage
