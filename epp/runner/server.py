@@ -44,6 +44,7 @@ from epp.runner.admission import build_admission
 from epp.runner.drain import CountingExtProc, Drain, StreamTracker
 from epp.runner.metrics_http import start_metrics_server
 from epp.runner.placement import build_placement
+from epp.runner.runtime_metrics import register_runtime_metrics
 from epp.runner.tenants import tier_names
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class PickerServer:
     async def start(self) -> None:
         opts = self.options
         self.metrics.info.labels(commit="", build_ref=epp.__version__).set(1)
+        register_runtime_metrics(self.metrics.registry, asyncio.get_running_loop(), self.streams)
         cfg = load_config(opts.config_text)
         ctx = PluginContext(
             datastore=self.datastore, metrics=self.metrics, staleness_threshold=opts.metrics_staleness_threshold

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.discovery.static import StaticDiscovery
 from epp.runner.server import PickerServer, ServeOptions
+from tests.promtext import scrape
 from tests.waiting import eventually
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
@@ -93,7 +94,8 @@ async def make(tmp_path: Path) -> AsyncIterator[Any]:
             discovery = StaticDiscovery.from_pool_file(path)
         else:
             discovery = StaticDiscovery.from_endpoints_flag(endpoints)
-        server = PickerServer(ServeOptions(discovery=discovery, grpc_port=0, grpc_health_port=0, metrics_port=-1,
+        opts.setdefault("metrics_port", -1)
+        server = PickerServer(ServeOptions(discovery=discovery, grpc_port=0, grpc_health_port=0,
                                            bind_address="127.0.0.1", secure_serving=False, **opts))
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_ports['grpc']}")
@@ -176,3 +178,18 @@ async def test_requests_held_for_an_empty_pool_get_a_503_json_on_stop(make: Any)
     resp = await asyncio.wait_for(answer, 10)
     assert resp.immediate_response.status.code == 503
     assert "shutting down" in orjson.loads(resp.immediate_response.body)["error"]["message"]
+
+
+async def test_open_streams_tasks_and_process_gauges_are_exported(make: Any) -> None:
+    server, stub, _ = await make(metrics_port=0)
+    port = server.bound_ports["metrics"]
+    running = Stream(stub)
+    assert routed(await running.request())
+    m = await asyncio.to_thread(scrape, port)
+    assert m["epp_ext_proc_streams_open"][0][1] == 1
+    assert m["epp_asyncio_tasks"][0][1] >= 1
+    assert m["process_open_fds"][0][1] > 0 and m["process_resident_memory_bytes"][0][1] > 0
+    await running.finish()
+    await eventually(lambda: server.streams.open == 0, what="stream closed")
+    m = await asyncio.to_thread(scrape, port)
+    assert m["epp_ext_proc_streams_open"][0][1] == 0
