@@ -12,7 +12,11 @@ from epp.framework.scheduling import Picker
 
 
 class PickerParams(PluginParams):
-    #: how many endpoints to return: the primary plus fallbacks, best first
+    #: how many endpoints to return: the primary plus fallbacks, best first. 1 (GIE's default)
+    #: because the list also goes in the ``x-gateway-destination-endpoint`` header, which
+    #: gateways routing with an ORIGINAL_DST cluster on that header cannot parse as a list
+    #: (503 for every request); the generated Envoy config retries on another pod without a
+    #: list. Raise it for gateways that walk the metadata list (docs/faults.md).
     max_num_of_endpoints: int = Field(1, gt=0)
 
 
