@@ -163,3 +163,20 @@ def test_ten_thousand_tenants_keep_the_series_bounded() -> None:
     for i in range(1000):
         rec.served("tenant-1", f"tier-{i}", 1, 0, 0, 0.0)
     assert len({lbl["tier"] for lbl, _ in _samples(m)[series.REQUESTS]}) <= 33
+
+
+async def test_a_streamed_response_counts_its_tokens_when_it_carries_usage() -> None:
+    """Streams report usage only with stream_options.include_usage: the last chunk has it."""
+    d = _director([Endpoint("a", "10.0.0.1", 8000)])
+    ctx = d.new_context({":path": "/v1/chat/completions", FAIRNESS_HEADER: "streamer"})
+    await d.route(ctx, orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                     "stream": True, "stream_options": {"include_usage": True}}))
+    d.response_headers(ctx, {":status": "200", "content-type": "text/event-stream"}, None)
+    assert ctx.rewriter is not None
+    ctx.rewriter.sse_chunk(b'data: {"model":"m","choices":[{"delta":{"content":"a"}}]}\n\n', False)
+    ctx.rewriter.sse_chunk(b'data: {"model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,'
+                           b'"prompt_tokens_details":{"cached_tokens":5}}}\n\ndata: [DONE]\n\n', True)
+    d.complete(ctx)
+    assert d.metrics is not None
+    got = {lbl["type"]: v for lbl, v in _samples(d.metrics)[series.TOKENS] if lbl["tenant"] == "streamer"}
+    assert got == {"prompt": 4, "cached": 5, "completion": 2}
