@@ -232,6 +232,14 @@ def by_label(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, 
     return dict(out)
 
 
+def by_adapter(records: list[Record]) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for r in records:
+        if r.ttft is not None:
+            out.setdefault(r.group, []).append(r.ttft)
+    return out
+
+
 def summarize(policy: str, records: list[Record], items: list[Item], warmup: float, slo: float,
               snap: dict[str, Any], reads_after: int, picker_after: Any, t_end: float,
               copies: list[tuple[float, dict[str, float]]]) -> dict[str, Any]:
@@ -259,6 +267,8 @@ def summarize(policy: str, records: list[Record], items: list[Item], warmup: flo
         "unloads_by_reason": by_label(picker_after, "inference_extension_model_unloads_total", "reason"),
         "copies_at_end": {lbl["model_name"]: v for lbl, v in picker_after.get("inference_extension_model_copies", [])},
         "warmup_loads": snap.get("reads"),
+        "by_adapter": {k: {"n": len(v), "ttft_p50": pct(v, 50), "ttft_p90": pct(v, 90)}
+                       for k, v in sorted(by_adapter(ok).items())},
         "copies": copies,
         "records": [(r.scheduled, r.group, r.ttft, r.ok) for r in records],
     }

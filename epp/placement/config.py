@@ -15,6 +15,7 @@ YAML with camelCase keys; unknown keys and bad values fail the start with the fi
     modelsRefreshInterval: 2s  # GET /v1/models on every pod (what is loaded where)
     reconcileInterval: 1s      # idle unloads, copies up and down
     failureBackoff: 10s        # after a failed load, requests for that model fail fast this long
+    demandWindow: 30s          # request rates (which idle copy to evict) are averaged this long
     models:                    # catalogue entries (besides the pool file's models:)
     - {name: dept-a, path: /adapters/dept-a, base: llama}
     peers: [http://10.0.0.5:9005, http://10.0.0.6:9005]   # every replica's placement URL
@@ -69,6 +70,8 @@ class PlacementConfig(BaseModel):
     failure_backoff: Duration = 10.0
     #: weight of the newest sample in the per-model demand average (per reconcile tick)
     demand_smoothing: float = Field(default=0.3, gt=0.0, le=1.0)
+    #: time constant of the per-model request rate that orders eviction victims
+    demand_window: Duration = 30.0
     models: list[ModelEntry] = Field(default_factory=list)
     peers: list[str] = Field(default_factory=list)
 

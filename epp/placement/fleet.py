@@ -76,6 +76,10 @@ class ModelState:
     held: int = 0
     #: smoothed ``inflight`` (sampled every reconcile tick): what copies are sized on
     concurrency: float = 0.0
+    #: requests since the last tick, and the request rate averaged over ``demandWindow``
+    #: (req/s): what decides which idle copy to evict (the least asked-for goes first)
+    arrivals: int = 0
+    rate: float = 0.0
     last_request: float = 0.0
     #: since when the model has had more copies than it needs (None: not in surplus)
     surplus_since: float | None = None
@@ -206,3 +210,11 @@ def per_copy_demand(model: str, models: Mapping[str, ModelState], fleet: Fleet) 
     if st is None:
         return 0.0
     return st.concurrency / max(1, fleet.copies(model))
+
+
+def per_copy_rate(model: str, models: Mapping[str, ModelState], fleet: Fleet) -> float:
+    """Averaged requests per second per loaded copy of ``model``."""
+    st = models.get(model)
+    if st is None:
+        return 0.0
+    return st.rate / max(1, fleet.copies(model))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class ModelPlacement:
     _catalogue_src: tuple[object, object] = (None, None)
     _base: dict[str, CatalogueModel] = field(default_factory=dict)
     _peer_runner: web.AppRunner | None = None
+    _ticked: float = 0.0
 
     def __post_init__(self) -> None:
         self._base = self.cfg.catalogue()
@@ -161,6 +163,7 @@ class ModelPlacement:
                 return  # the pods have not all reported yet: cannot tell, let it through
             st = self.models[model] = ModelState(model)
         st.inflight += 1
+        st.arrivals += 1
         st.last_request = self.clock()
         request.state.set(_COUNTED, st)
         if st.inflight == 1:
@@ -360,9 +363,14 @@ class ModelPlacement:
         if changed:
             self._wake()
         alpha = self.cfg.demand_smoothing
+        dt = max(1e-3, now - self._ticked) if self._ticked else self.cfg.reconcile_interval
+        self._ticked = now
+        beta = 1.0 - math.exp(-dt / max(dt, self.cfg.demand_window))
         for name in list(self.models):
             st = self.models[name]
             st.concurrency += alpha * (st.inflight - st.concurrency)
+            st.rate += beta * (st.arrivals / dt - st.rate)
+            st.arrivals = 0
             if (st.inflight == 0 and st.concurrency < 0.01 and name not in self.fleet.holders
                     and now - st.last_request > self.cfg.idle_unload_after):
                 del self.models[name]  # forgotten: its next request starts over

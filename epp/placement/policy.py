@@ -6,9 +6,12 @@ no clock — so the whole policy is unit-tested with a fake clock (``tests/unit/
 The rules (docs/model-sharing.md explains them with their knobs):
 
 * **Cold miss** (a request for an adapter loaded nowhere): load it on a pod with a free
-  adapter slot, the least loaded first; with no free slot anywhere, evict the least recently
-  used idle copy (equal recency: the one with the least demand per copy), preferring copies
-  older than ``minChurnAge``. A copy with requests in flight, or running/waiting in the pod's metrics,
+  adapter slot, the least loaded first; with no free slot anywhere, evict the idle copy whose
+  model is asked for least (request rate per copy averaged over ``demandWindow``; among
+  equals the least recently used: plain LRU when nothing is known yet), preferring copies
+  older than ``minChurnAge``. Evicting the least asked-for keeps the misses — and so the
+  loads — to the rarest models, which LRU alone does not under a skewed popularity.
+  A copy with requests in flight, or running/waiting in the pod's metrics,
   is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
 * **Copies follow demand**: a model's smoothed in-flight count, divided by what one copy may
   carry — ``copyLoadFactor`` times the pool's average per pod, and at least
@@ -32,7 +35,7 @@ import xxhash
 
 from epp.datalayer.datastore import CatalogueModel
 from epp.placement.config import PlacementConfig
-from epp.placement.fleet import Copy, Fleet, ModelState, PodView, per_copy_demand
+from epp.placement.fleet import Copy, Fleet, ModelState, PodView, per_copy_demand, per_copy_rate
 
 COLD = "cold"
 SCALE_UP = "scale_up"
@@ -75,14 +78,16 @@ def _tie(pod: str, model: str) -> int:
 
 
 def victim(pod: PodView, fleet: Fleet, models: Mapping[str, ModelState],
-           catalogue: Mapping[str, CatalogueModel], now: float, min_age: float) -> tuple[float, float, str] | None:
-    """The copy on ``pod`` to unload for another one: idle, loaded at least ``min_age`` ago,
-    least recently used (then least demand per copy). Returns (last use, demand per copy, model)."""
-    best: tuple[float, float, str] | None = None
+           catalogue: Mapping[str, CatalogueModel], now: float,
+           min_age: float) -> tuple[float, float, float, str] | None:
+    """The copy on ``pod`` to unload for another one: idle, loaded at least ``min_age`` ago, the
+    least asked for (request rate per copy), the least recently used among equals.
+    Returns (rate per copy, last use, demand per copy, model)."""
+    best: tuple[float, float, float, str] | None = None
     for m, c in pod.adapters.items():
         if not loadable(m, catalogue) or not _idle(pod, m, c) or now - c.since < min_age:
             continue
-        cand = (c.last_used, per_copy_demand(m, models, fleet), m)
+        cand = (per_copy_rate(m, models, fleet), c.last_used, per_copy_demand(m, models, fleet), m)
         if best is None or cand < best:
             best = cand
     return best
@@ -94,7 +99,7 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
     """Where a new copy of ``model`` goes (None: nowhere right now).
 
     Free slot first (least loaded pod), else evict an idle copy (``victim``): for a cold miss
-    the least recently used one across pods, for a scale-up one on the least loaded pod. For a cold miss any idle
+    the least asked-for one across pods, for a scale-up one on the least loaded pod. For a cold miss any idle
     copy may go, old ones first; for a scale-up only a copy older than ``minChurnAge`` whose
     demand per copy is ``evictionRatio`` times below the hot model's.
     """
@@ -110,14 +115,13 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                 load = Load(model, pod.key, COLD if cold else SCALE_UP)
             else:
                 v = victim(pod, fleet, models, catalogue, now, ages)
-                if v is None or (not cold and v[1] * cfg.eviction_ratio >= hot):
+                if v is None or (not cold and v[2] * cfg.eviction_ratio >= hot):
                     continue
-                # cold: the least recently used copy anywhere (it is the least likely to be
-                # asked for again soon); scale-up: the least loaded pod, the new copy's work
-                # must go somewhere with room
+                # cold: the least asked-for copy anywhere (the least likely to be missed);
+                # scale-up: the least loaded pod, the new copy's work must go where there is room
                 key = ((1, v[0], v[1], pod.load, _tie(pod.key, model)) if cold
-                       else (1, pod.load, v[1], v[0], _tie(pod.key, model)))
-                load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[2])
+                       else (1, pod.load, v[0], v[1], _tie(pod.key, model)))
+                load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[3])
             if best is None or key < best[0]:
                 best = (key, load)
         if best is not None:

@@ -54,13 +54,17 @@ def test_a_cold_miss_takes_the_free_slot_of_the_least_loaded_pod() -> None:
     assert choose_pod("a9", f, {}, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p3", COLD)
 
 
-def test_a_full_fleet_evicts_the_least_recently_used_idle_copy() -> None:
+def test_a_full_fleet_evicts_the_least_asked_for_idle_copy_lru_among_equals() -> None:
     f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]}, used=90.0)
     models = demand(a1=3.0, a2=0.5, a3=2.0, a4=1.0)
-    # equally recent: the copy with the least demand goes
+    # nothing known of request rates yet: least recently used (then least in flight)
     assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p1", COLD, evict="a2")
-    f.pods["p2"].adapters["a3"].last_used = 80.0  # used longest ago: it goes, whatever its demand
+    f.pods["p2"].adapters["a3"].last_used = 80.0
     assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p2", COLD, evict="a3")
+    for m, rate in {"a1": 2.0, "a2": 0.5, "a3": 1.0, "a4": 0.2}.items():
+        models[m].rate = rate
+    # the rarest goes first, however recently it was used
+    assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p2", COLD, evict="a4")
 
 
 def test_copies_in_use_are_never_evicted_and_a_full_busy_fleet_has_no_room() -> None:
