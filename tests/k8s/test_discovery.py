@@ -45,10 +45,15 @@ def make(kube: FakeKube, **kw: Any) -> KubernetesDiscovery:
                                absent_retry=kw.pop("absent_retry", 0.5), **kw)
 
 
+# Hang guard for start(): the first use of the kubernetes client in a process is slow (its
+# pydantic models), and the machine may be busy; a hang is what this catches, not slowness.
+START_DEADLINE = 30
+
+
 async def start(d: KubernetesDiscovery, started: list[Any], ds: Datastore | None = None) -> Datastore:
     ds = ds or Datastore()
     started.append(d)
-    await asyncio.wait_for(d.start(ds), 5)
+    await asyncio.wait_for(d.start(ds), START_DEADLINE)
     return ds
 
 
@@ -176,7 +181,7 @@ async def test_ready_only_after_pool_exists(fake_k8s: FakeKube, discoveries: lis
     await eventually(lambda: "not found; not ready until it exists" in caplog.text, what="pool-absent warning")
     assert not task.done() and not ds.synced and keys(ds) == set()
     kube.add(pool("pool", APP, [8000]))
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, START_DEADLINE)
     assert ds.synced and keys(ds) == {"10.0.0.1:8000"}
 
 
@@ -368,7 +373,7 @@ async def test_stop_is_bounded(fake_k8s: FakeKube) -> None:
     kube = fake_k8s
     kube.add(pool("pool", APP, [8000]))
     d = make(kube, watch_timeout=300)
-    await asyncio.wait_for(d.start(Datastore()), 5)
+    await asyncio.wait_for(d.start(Datastore()), START_DEADLINE)
     # a watch may stream for 300 s: stop() must close it, not wait for it (a thread still alive
     # after stop() means its 5 s join gave up). How long stop() takes: benchmarks/k8s_failover.py
     await asyncio.wait_for(d.stop(), 30)
