@@ -266,8 +266,11 @@ _json_values = st.recursive(
 async def test_any_body_gets_a_pick_or_a_json_error_and_never_breaks_the_stream(
         body: bytes, path: str, mode: int, split: int) -> None:
     d = _director()
-    out = await _run(d, [_hdrs({**POST, ":path": path}, mode=mode), _body(body[:split], False),
-                         _body(body[split:], True)])
+    # FULL_DUPLEX streams the body in chunks; BUFFERED sends it whole, in one message (Envoy's
+    # sequences: a second body message in BUFFERED mode is a protocol violation, tested apart)
+    chunks = [_body(body[:split], False), _body(body[split:], True)] if mode == Mode.FULL_DUPLEX_STREAMED \
+        else [_body(body, True)]
+    out = await _run(d, [_hdrs({**POST, ":path": path}, mode=mode), *chunks])
     kinds = [r.WhichOneof("response") for r in out]
     if "immediate_response" in kinds:
         ir = out[kinds.index("immediate_response")].immediate_response
