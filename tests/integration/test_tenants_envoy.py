@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from epp.envoy.jwt import JwtSpec
-from epp.local.topology import HOST, Topology, free_port_block
+from epp.local.topology import HOST, Topology
 from epp.usage.series import QUEUE_SECONDS, REQUESTS, TOKENS
 from tests.promtext import scrape, value
 from tests.waiting import wait_until
@@ -89,7 +89,7 @@ class RecordingPod:
             def log_message(self, *args: object) -> None:
                 return None
 
-        self.server = ThreadingHTTPServer((HOST, free_port_block(1)), Handler)
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)  # the OS picks a free port
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
