@@ -204,8 +204,11 @@ class Engine:
                 # Nothing fits right now (e.g. every waiting request is LoRA-blocked): wait for
                 # an abort or a new arrival instead of spinning.
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives as the wait completes, and stop() would then wait forever
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.05)
+                    async with asyncio.timeout(0.05):
+                        await self._wake.wait()
                 continue
             delay = cost * scale
             if delay > 0:
