@@ -47,12 +47,13 @@ test-vllm: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not envoy and not slow" $(PYTEST_ARGS)
 
-# Pin the image's dependencies: runtime (requirements.lock, from pyproject's dependencies) and
+# Pin the image's dependencies: runtime (requirements.lock, from pyproject's dependencies and the
+# tracing extra, so the image traces when OTEL_* is set) and
 # the builder stage's tools (build-requirements.lock). Hashes for every platform's wheels.
 lock:
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install 'uv==$(UV_VERSION)'
-	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(VENV)/bin/uv pip compile pyproject.toml --extra tracing $(LOCK_FLAGS) -o requirements.lock
 	$(VENV)/bin/uv pip compile build-requirements.in -c requirements.lock $(LOCK_FLAGS) -o build-requirements.lock
 
 image:

