@@ -341,7 +341,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="zipf: measured seconds per policy")
     ap.add_argument("--warmup", type=float, default=20.0, help="zipf: seconds before the measured window")
     ap.add_argument("--load", type=float, default=0.7, help="offered load as a fraction of the pool's capacity")
-    ap.add_argument("--pod-capacity", type=float, default=4.5,
+    ap.add_argument("--pod-capacity", type=float, default=2.0,
                     help="req/s one simulated pod sustains for this workload (measured with the oracle)")
     ap.add_argument("--load-time", type=float, default=0.5, help="seconds to read an adapter from disk")
     ap.add_argument("--slo", type=float, default=1.0, help="TTFT SLO for goodput (seconds)")
@@ -349,7 +349,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--shift-period", type=float, default=30.0)
     ap.add_argument("--shifts", type=int, default=4, help="shift: periods (the hot adapter changes between them)")
-    ap.add_argument("--sim-args", default="--max-num-seqs 8 --inter-token-latency 0.1",
+    ap.add_argument("--sim-args", default="--max-num-seqs 4 --inter-token-latency 0.1",
                     help="extra simulator flags (the pods' speed: keep the request rate this machine can drive)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/out/model_sharing.json")

@@ -8,14 +8,15 @@ YAML with camelCase keys; unknown keys and bad values fail the start with the fi
     loadTimeout: 60s           # one POST /v1/load_lora_adapter (connect + load)
     minChurnAge: 30s           # a copy younger than this is not evicted for another model's copy
     scaleDownDelay: 60s        # surplus copies are unloaded after being surplus this long
-    copyLoadFactor: 1.5        # a copy may carry 1.5x the average pod's load before another is added
+    copyLoadFactor: 1.5        # a copy may take 1.5x an average pod's share of requests before another
     minInflightPerCopy: 2      # a copy is "busy" only above this many requests in flight
     maxCopies: 0               # copies of one model at most (0: every pod)
     slotsPerPod: 0             # adapters a pod holds (0: the pod's vllm:lora_requests_info max_lora)
     modelsRefreshInterval: 2s  # GET /v1/models on every pod (what is loaded where)
     reconcileInterval: 1s      # idle unloads, copies up and down
     failureBackoff: 10s        # after a failed load, requests for that model fail fast this long
-    demandWindow: 30s          # request rates (which idle copy to evict) are averaged this long
+    scaleWindow: 10s           # demand that sizes copies is averaged this long
+    demandWindow: 60s          # request rates that pick which idle copy to evict, this long
     models:                    # catalogue entries (besides the pool file's models:)
     - {name: dept-a, path: /adapters/dept-a, base: llama}
     peers: [http://10.0.0.5:9005, http://10.0.0.6:9005]   # every replica's placement URL
@@ -57,8 +58,8 @@ class PlacementConfig(BaseModel):
     unload_timeout: Duration = 10.0
     min_churn_age: Duration = 30.0
     scale_down_delay: Duration = 60.0
-    #: a model's copies may each carry this many times the pool's average per-pod work before
-    #: it gets another copy (above 1: fewer extra copies, so fewer evictions when slots are short)
+    #: a model's copies may each take this many times an average pod's share of the requests
+    #: before it gets another copy (above 1: fewer extra copies, fewer evictions when slots are short)
     copy_load_factor: float = Field(default=1.5, ge=0.5, le=10.0)
     min_inflight_per_copy: float = Field(default=2.0, gt=0.0)
     #: a copy of a busier model may evict a copy whose per-copy load is this many times lower
@@ -68,10 +69,10 @@ class PlacementConfig(BaseModel):
     models_refresh_interval: Duration = 2.0
     reconcile_interval: Duration = 1.0
     failure_backoff: Duration = 10.0
-    #: weight of the newest sample in the per-model demand average (per reconcile tick)
-    demand_smoothing: float = Field(default=0.3, gt=0.0, le=1.0)
+    #: time constant of the per-model rate and in-flight averages that size copies
+    scale_window: Duration = 10.0
     #: time constant of the per-model request rate that orders eviction victims
-    demand_window: Duration = 30.0
+    demand_window: Duration = 60.0
     models: list[ModelEntry] = Field(default_factory=list)
     peers: list[str] = Field(default_factory=list)
 
@@ -95,7 +96,7 @@ class PlacementConfig(BaseModel):
             raise ValueError("a peer is listed twice")
         return out
 
-    @field_validator("reconcile_interval", "models_refresh_interval")
+    @field_validator("reconcile_interval", "models_refresh_interval", "scale_window", "demand_window")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:

@@ -74,12 +74,15 @@ class ModelState:
     inflight: int = 0
     #: of those, requests held because the model is loaded nowhere
     held: int = 0
-    #: smoothed ``inflight`` (sampled every reconcile tick): what copies are sized on
+    #: ``inflight`` and the request rate (req/s) averaged over ``scaleWindow``: what copies
+    #: are sized on (the share of the requests, as far as they keep copies busy)
     concurrency: float = 0.0
-    #: requests since the last tick, and the request rate averaged over ``demandWindow``
-    #: (req/s): what decides which idle copy to evict (the least asked-for goes first)
-    arrivals: int = 0
+    recent_rate: float = 0.0
+    #: the request rate averaged over ``demandWindow``: which idle copy to evict (the least
+    #: asked-for goes first)
     rate: float = 0.0
+    #: requests since the last reconcile tick
+    arrivals: int = 0
     last_request: float = 0.0
     #: since when the model has had more copies than it needs (None: not in surplus)
     surplus_since: float | None = None

@@ -362,16 +362,18 @@ class ModelPlacement:
             changed |= len(pod.adapters) != before
         if changed:
             self._wake()
-        alpha = self.cfg.demand_smoothing
         dt = max(1e-3, now - self._ticked) if self._ticked else self.cfg.reconcile_interval
         self._ticked = now
-        beta = 1.0 - math.exp(-dt / max(dt, self.cfg.demand_window))
+        fast = 1.0 - math.exp(-dt / self.cfg.scale_window)
+        slow = 1.0 - math.exp(-dt / self.cfg.demand_window)
         for name in list(self.models):
             st = self.models[name]
-            st.concurrency += alpha * (st.inflight - st.concurrency)
-            st.rate += beta * (st.arrivals / dt - st.rate)
+            arrived = st.arrivals / dt
             st.arrivals = 0
-            if (st.inflight == 0 and st.concurrency < 0.01 and name not in self.fleet.holders
+            st.concurrency += fast * (st.inflight - st.concurrency)
+            st.recent_rate += fast * (arrived - st.recent_rate)
+            st.rate += slow * (arrived - st.rate)
+            if (st.inflight == 0 and st.rate < 0.001 and name not in self.fleet.holders
                     and now - st.last_request > self.cfg.idle_unload_after):
                 del self.models[name]  # forgotten: its next request starts over
         actions: list[Action] = []
@@ -410,6 +412,6 @@ class ModelPlacement:
         """Copies and demand as this replica sees them (``GET /placement/v1/state``)."""
         return {
             "models": {m: sorted(k) for m, k in sorted(self.fleet.holders.items())},
-            "demand": {m: {"held": st.held, "inflight": st.inflight, "concurrency": round(st.concurrency, 3)}
+            "demand": {m: {"held": st.held, "inflight": st.inflight, "rate": round(st.recent_rate, 3)}
                        for m, st in sorted(self.models.items())},
         }

@@ -13,16 +13,20 @@ The rules (docs/model-sharing.md explains them with their knobs):
   loads — to the rarest models, which LRU alone does not under a skewed popularity.
   A copy with requests in flight, or running/waiting in the pod's metrics,
   is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
-* **Copies follow demand**: a model's smoothed in-flight count, divided by what one copy may
-  carry — ``copyLoadFactor`` times the pool's average per pod, and at least
-  ``minInflightPerCopy`` — rounded up, is the copies it wants (at most ``maxCopies``, at most
-  one per pod). Extra copies go to free slots on the least loaded pods, or evict a copy whose
-  demand per copy is ``evictionRatio`` times lower than the hot model's (and older than
-  ``minChurnAge``). Because it is a share of the pool, the rule sizes copies the same on every
-  replica, at any load level, and needs no per-deployment requests-per-minute threshold.
-* **Scale down**: a model with more copies than it wants for ``scaleDownDelay`` loses its
-  least used copy, one per delay. A copy nobody used for ``idleUnloadAfter`` is unloaded,
-  the last one too: an adapter with no demand frees its slot (scale to zero per model).
+* **Copies follow demand**: a model needs its share of the pool's requests (rate over
+  ``scaleWindow``) — or of the requests in flight, if larger: a model whose copies queue
+  takes a bigger share of those — in pods' worth, where one copy may take ``copyLoadFactor``
+  times an average pod's share; but no more copies than it keeps busy (``minInflightPerCopy``
+  requests in flight each). Rounded up, at most ``maxCopies`` and one per pod. New copies go
+  where the least work is expected (each model's rate split over its copies), to a free slot,
+  or evicting a copy whose request rate per copy is ``evictionRatio`` times lower than the hot
+  model's (and older than ``minChurnAge``). Sized as a share of the pool, the rule gives the
+  same answer on every replica, at any load level, and needs no per-deployment
+  requests-per-minute threshold.
+* **Scale down**: a model whose copies exceed what it would need with 25 % more demand (a
+  band, so copies do not flap at a boundary) for ``scaleDownDelay`` loses its least used copy,
+  one per delay. A copy nobody used for ``idleUnloadAfter`` is unloaded, the last one too: an
+  adapter with no demand frees its slot (scale to zero per model).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ SCALE_UP = "scale_up"
 IDLE = "idle"
 SCALE_DOWN = "scale_down"
 EVICTED = "evicted"
+#: a copy is surplus only if it would be with this much more demand (no flapping at a boundary)
+SURPLUS_SLACK = 1.25
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,29 +104,33 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                cold: bool, exclude: frozenset[str] = frozenset()) -> Load | None:
     """Where a new copy of ``model`` goes (None: nowhere right now).
 
-    Free slot first (least loaded pod), else evict an idle copy (``victim``): for a cold miss
-    the least asked-for one across pods, for a scale-up one on the least loaded pod. For a cold miss any idle
+    Free slot first (the pod expecting the least work from the copies it holds, then the least
+    loaded right now), else evict an idle copy (``victim``): for a cold miss the least
+    asked-for one across pods, for a scale-up one on the pod expecting the least work. For a cold miss any idle
     copy may go, old ones first; for a scale-up only a copy older than ``minChurnAge`` whose
     demand per copy is ``evictionRatio`` times below the hot model's.
     """
-    hot = per_copy_demand(model, models, fleet)
+    st = models.get(model)
+    hot = (st.recent_rate if st is not None else 0.0) / max(1, fleet.copies(model))
     best: tuple[tuple[float, ...], Load] | None = None
     for ages in ((cfg.min_churn_age, 0.0) if cold else (cfg.min_churn_age,)):
         for pod in fleet.pods.values():
             if (pod.slots <= 0 or pod.key in exclude or pod.serves(model) or pod.loading
                     or pod.busy(model)):
                 continue
+            expected = pod_demand(pod, models, fleet)
             if pod.free_slots() > 0:
-                key = (0, 0.0, 0.0, pod.load, _tie(pod.key, model))
+                key = (0, expected, 0.0, pod.load, _tie(pod.key, model))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP)
             else:
                 v = victim(pod, fleet, models, catalogue, now, ages)
-                if v is None or (not cold and v[2] * cfg.eviction_ratio >= hot):
+                if v is None or (not cold and v[0] * cfg.eviction_ratio >= hot):
                     continue
                 # cold: the least asked-for copy anywhere (the least likely to be missed);
-                # scale-up: the least loaded pod, the new copy's work must go where there is room
-                key = ((1, v[0], v[1], pod.load, _tie(pod.key, model)) if cold
-                       else (1, pod.load, v[0], v[1], _tie(pod.key, model)))
+                # scale-up: the pod expecting the least work, the new copy's must go where
+                # there is room
+                key = ((1, v[0], v[1], expected, _tie(pod.key, model)) if cold
+                       else (1, expected - v[0], v[0], v[1], _tie(pod.key, model)))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[3])
             if best is None or key < best[0]:
                 best = (key, load)
@@ -129,14 +139,36 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
     return None if best is None else best[1]
 
 
-def desired_copies(model: ModelState, total_concurrency: float, capable_pods: int, cfg: PlacementConfig) -> int:
-    """Copies ``model`` wants: its share of the in-flight work, in pods' worth (module doc)."""
+def copies_needed(model: ModelState, totals: tuple[float, float], capable_pods: int,
+                  cfg: PlacementConfig) -> float:
+    """Fractional copies ``model`` needs: its share of the pool's requests (rate) or of its
+    in-flight work (which grows when its copies queue), whichever is larger, in pods' worth at
+    ``copyLoadFactor``; capped by the copies its in-flight requests keep busy (module doc).
+    ``totals``: (request rate, in flight) over every model."""
+    total_rate, total_inflight = totals
+    if capable_pods <= 0:
+        return 0.0
+    share = 0.0
+    if total_rate > 0.0:
+        share = model.recent_rate / total_rate
+    if total_inflight > 0.0:
+        share = max(share, model.concurrency / total_inflight)
+    return min(share * capable_pods / cfg.copy_load_factor, model.concurrency / cfg.min_inflight_per_copy)
+
+
+def pod_demand(pod: PodView, models: Mapping[str, ModelState], fleet: Fleet) -> float:
+    """Requests per second a pod can expect from the adapters it holds (each model's rate split
+    evenly over its copies): where a new copy goes, so hot copies do not pile onto one pod."""
+    return sum(per_copy_rate(m, models, fleet) for m in pod.adapters)
+
+
+def desired_copies(model: ModelState, totals: tuple[float, float], capable_pods: int, cfg: PlacementConfig,
+                   slack: float = 1.0) -> int:
+    """Whole copies for ``copies_needed`` x ``slack`` (at least 1, at most one per pod)."""
     if capable_pods <= 0:
         return 0
-    per_copy = max(cfg.min_inflight_per_copy, cfg.copy_load_factor * total_concurrency / capable_pods)
-    want = math.ceil(model.concurrency / per_copy - 1e-9)
-    cap = min(capable_pods, cfg.max_copies or capable_pods)
-    return max(1, min(want, cap))
+    want = math.ceil(copies_needed(model, totals, capable_pods, cfg) * slack - 1e-9)
+    return max(1, min(want, capable_pods, cfg.max_copies or capable_pods))
 
 
 def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str, CatalogueModel],
@@ -160,7 +192,7 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
                 continue
             leaving.add((m, pod.key))
     capable = sum(1 for p in fleet.pods.values() if p.slots > 0)
-    total = sum(st.concurrency for st in models.values())
+    total = (sum(st.recent_rate for st in models.values()), sum(st.concurrency for st in models.values()))
     for name, st in models.items():
         if not owns(name) or not loadable(name, catalogue):
             continue
@@ -186,7 +218,7 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
                     break
                 chosen.add(load.pod)
                 actions.append(load)
-        elif len(holders) > want and loading == 0 and not draining:
+        elif len(holders) > desired_copies(st, total, capable, cfg, SURPLUS_SLACK) and loading == 0 and not draining:
             if st.surplus_since is None:
                 st.surplus_since = now
             elif now - st.surplus_since >= cfg.scale_down_delay:
@@ -194,7 +226,7 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
                 if drop is not None:
                     fleet.pods[drop].draining.add(name)
                     st.surplus_since = now  # one copy per delay: copies scale down slowly
-        elif len(holders) <= want:
+        else:
             st.surplus_since = None
     return actions
 

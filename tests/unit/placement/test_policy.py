@@ -44,7 +44,8 @@ def fleet(pods: dict[str, Iterable[str]], slots: int = 2, now: float = 0.0, used
 
 
 def demand(**conc: float) -> dict[str, ModelState]:
-    return {m: ModelState(m, concurrency=c, inflight=round(c)) for m, c in conc.items()}
+    """Models with ``conc`` requests in flight, arriving at ``conc`` per second (1 s each)."""
+    return {m: ModelState(m, concurrency=c, inflight=round(c), recent_rate=c, rate=c) for m, c in conc.items()}
 
 
 def test_a_cold_miss_takes_the_free_slot_of_the_least_loaded_pod() -> None:
@@ -56,8 +57,8 @@ def test_a_cold_miss_takes_the_free_slot_of_the_least_loaded_pod() -> None:
 
 def test_a_full_fleet_evicts_the_least_asked_for_idle_copy_lru_among_equals() -> None:
     f = fleet({"p1": ["a1", "a2"], "p2": ["a3", "a4"]}, used=90.0)
-    models = demand(a1=3.0, a2=0.5, a3=2.0, a4=1.0)
-    # nothing known of request rates yet: least recently used (then least in flight)
+    models = {m: ModelState(m, concurrency=c) for m, c in {"a1": 3.0, "a2": 0.5, "a3": 2.0, "a4": 1.0}.items()}
+    # nothing known of request rates yet (a fresh replica): least recently used, then least in flight
     assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p1", COLD, evict="a2")
     f.pods["p2"].adapters["a3"].last_used = 80.0
     assert choose_pod("a9", f, models, CATALOGUE, CFG, 100.0, cold=True) == Load("a9", "p2", COLD, evict="a3")
@@ -95,24 +96,28 @@ def test_young_copies_go_only_when_nothing_older_can() -> None:
 
 
 @pytest.mark.parametrize("share, want", [
-    (0.285, 2),   # the Zipf(1.1) head of 32 adapters: 2.3 average pods' worth, 1.5 at 1.5x each
-    (0.133, 1),   # 1.06 average pods: within the 1.5x a copy may carry
+    (0.285, 2),   # the Zipf(1.1) head of 32 adapters: 2.3 average pods' share, 1.5 at 1.5x each
+    (0.133, 1),   # 1.06 average pods: within the 1.5x a copy may take
     (0.2, 2),
     (0.02, 1),    # tail: one copy
     (1.0, 6),     # everything: 8 average pods at 1.5x each
 ])
-def test_copies_follow_the_models_share_of_the_work(share: float, want: int) -> None:
-    total = 40.0  # requests in flight over the pool (5 per pod)
-    assert desired_copies(ModelState("m", concurrency=share * total), total, 8, CFG) == want
+def test_copies_follow_the_models_share_of_the_requests(share: float, want: int) -> None:
+    total = 40.0  # requests per second over the pool, as many in flight (5 per pod)
+    st = ModelState("m", recent_rate=share * total, concurrency=share * total)
+    assert desired_copies(st, (total, total), 8, CFG) == want
     loose = CFG.model_copy(update={"copy_load_factor": 1.0})
-    assert desired_copies(ModelState("m", concurrency=1.0 * total), total, 8, loose) == 8  # never more
+    everything = ModelState("m", recent_rate=total, concurrency=total)
+    assert desired_copies(everything, (total, total), 8, loose) == 8  # never more
+    queued = ModelState("m", recent_rate=0.1 * total, concurrency=0.3 * total)  # its copies queue
+    assert desired_copies(queued, (total, total), 8, CFG) == 2
 
 
-def test_little_work_spreads_over_no_more_than_it_needs() -> None:
-    """At 1 request in flight in the whole pool the one model still wants one copy, not eight:
-    a copy is sized at least minInflightPerCopy."""
-    assert desired_copies(ModelState("m", concurrency=1.0), 1.0, 8, CFG) == 1
-    assert desired_copies(ModelState("m", concurrency=6.0), 6.0, 8, CFG) == 3  # 6 / 2
+def test_little_work_spreads_over_no_more_copies_than_it_keeps_busy() -> None:
+    """The only model of a quiet pool has all the share but 1 request in flight: one copy, not
+    six; with 6 in flight, three (minInflightPerCopy = 2 each)."""
+    assert desired_copies(ModelState("m", recent_rate=1.0, concurrency=1.0), (1.0, 1.0), 8, CFG) == 1
+    assert desired_copies(ModelState("m", recent_rate=6.0, concurrency=6.0), (6.0, 6.0), 8, CFG) == 3
 
 
 def test_a_hot_model_gets_copies_on_free_slots_in_one_tick() -> None:
