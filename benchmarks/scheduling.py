@@ -4,8 +4,9 @@ Builds the default configuration (queue 2, KV 2, prefix 3, max-score picker) ove
 endpoints (``--endpoints``, default 10 100 1000) with fresh, varied metrics, warms the prefix
 index with a set of shared system prompts, then times every ``Scheduler.schedule`` call alone
 and with the PreRequest hooks (prefix learning), for a few prompt sizes. Prints p50 / p99
-microseconds per call. Not a test: numbers depend on the machine (shared: read the p50s, and
-repeat before trusting a p99).
+microseconds per call, measured as the calling thread's CPU time (``time.thread_time``), so
+that other processes preempting us on a shared machine do not count; a garbage collection
+during a call does. Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run(endpoints: int, prompt_bytes: int, n: int, seed: int = 1) -> tuple[list[
             h.pre_request(r, res)
     reqs = [make(i) for i in range(n)]
     cands = ds.endpoints()
-    clock = time.perf_counter
+    clock = time.thread_time  # CPU time of this thread: a shared machine preempting us does not count
     alone = []
     for r in reqs:
         t = clock()

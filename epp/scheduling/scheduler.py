@@ -1,8 +1,9 @@
 """The scheduling cycle (GIE §4.1): profile handler → per profile filters → scorers → picker.
 
 This runs once per request on the event loop, so it is written for speed: no logging, no
-per-plugin allocations beyond the score lists the interfaces require, and the metrics
-children are bound once at construction.
+per-plugin allocations beyond the score lists the interfaces require (the picker gets the
+candidates and their totals as a view, not N objects), and the metrics children are bound
+once at construction.
 
 ``inference_extension_plugin_duration_seconds`` is recorded on the same code path as every
 other cycle, for one cycle in ``plugin_duration_sample`` (default 16): timing a plugin costs
@@ -14,6 +15,8 @@ distribution at a sixteenth of the cost.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import add, mul
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +28,8 @@ from epp.framework.scheduling import (
     SchedulerProfile,
     SchedulingError,
     SchedulingResult,
-    ScoredEndpoint,
 )
+from epp.plugins.scheduling.scoring import ScoredEndpoints
 
 if TYPE_CHECKING:
     from epp.metrics import EppMetrics
@@ -121,7 +124,13 @@ class Scheduler:
 def _run_profile(
     profile: SchedulerProfile, request: LLMRequest, candidates: Sequence[Endpoint], timers: _Timers | None
 ) -> ProfileRunResult | None:
-    """Filters, weighted scorers, picker; ``timers`` (a sampled cycle) records each plugin."""
+    """Filters, weighted scorers, picker; ``timers`` (a sampled cycle) records each plugin.
+
+    The weighted sum is one list comprehension per scorer (no per-endpoint indexing), a
+    scorer whose scores are all 0 adds nothing and is skipped, and scores are clamped only
+    for scorers that do not declare themselves ``bounded`` (every built-in does: its scores
+    are in [0, 1] and never NaN).
+    """
     endpoints: Sequence[Endpoint] = candidates
     t = 0.0
     for i, flt in enumerate(profile.filters):
@@ -133,21 +142,28 @@ def _run_profile(
         if not endpoints:
             return None
     n = len(endpoints)
-    totals = [0.0] * n
+    totals: list[float] | None = None
     for i, ws in enumerate(profile.scorers):
+        scorer = ws.scorer
         if timers is not None:
             t = perf_counter()
-        scores = ws.scorer.score(request, endpoints)
+        scores = scorer.score(request, endpoints)
         if timers is not None:
             timers.scorers[i].observe(perf_counter() - t)
-        weight = ws.weight
-        for j in range(n):
-            s = scores[j]
+        if len(scores) != n:
+            raise ValueError(f"scorer {scorer.name!r} returned {len(scores)} scores for {n} endpoints")
+        if not getattr(scorer, "bounded", False):
             # Clamp to [0, 1]; NaN (a scorer bug) counts as 0 rather than poisoning sums.
-            if not 0.0 <= s <= 1.0:
-                s = 1.0 if s > 1.0 else 0.0
-            totals[j] += s * weight
-    scored = [ScoredEndpoint(endpoints[j], totals[j]) for j in range(n)]
+            scores = [s if 0.0 <= s <= 1.0 else (1.0 if s > 1.0 else 0.0) for s in scores]
+        # the weighted sum in C (map over operator functions), one pass per scorer
+        weight = ws.weight
+        if totals is None:
+            totals = list(map(mul, scores, repeat(weight, n)))
+        elif any(scores):
+            totals = list(map(add, totals, map(mul, scores, repeat(weight, n))))
+    if totals is None:
+        totals = [0.0] * n
+    scored = ScoredEndpoints(endpoints, totals)
     picker = profile.picker
     assert picker is not None  # checked in Scheduler.__init__
     if timers is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import attrgetter, eq, ge
 from typing import Literal, Self
 
 from pydantic import BaseModel, Field
@@ -12,6 +14,9 @@ from pydantic import BaseModel, Field
 from epp.framework.plugin import PluginContext
 from epp.framework.scheduling import LLMRequest, ProfileRunResult, ScoredEndpoint
 from epp.plugins.scheduling.picker_base import CountingPicker, PickerParams
+from epp.plugins.scheduling.scoring import ScoredEndpoints
+
+_LAST_PICKED = attrgetter("last_picked")
 
 
 class MaxScoreParams(PickerParams):
@@ -51,23 +56,29 @@ class MaxScorePicker(CountingPicker):
     def pick(self, request: LLMRequest, scored: Sequence[ScoredEndpoint]) -> ProfileRunResult:
         if not scored:
             return ProfileRunResult([])
-        best = max(se.score for se in scored)
-        floor = best - self.eps
-        ties = [se for se in scored if se.score >= floor]
+        if isinstance(scored, ScoredEndpoints):  # the scheduler's view: no per-endpoint objects
+            endpoints, totals = scored.endpoints, scored.totals
+        else:
+            endpoints = [se.endpoint for se in scored]
+            totals = [se.score for se in scored]
+        n = len(totals)
+        floor = max(totals) - self.eps
+        # indices of the near-tied, selected in C (compress over a map of >=)
+        ties = list(compress(range(n), map(ge, totals, repeat(floor, n))))
         if len(ties) == 1:
             chosen = ties[0]
         elif self.lru:
-            rnd = self.rng.random
-            chosen = min(ties, key=lambda se: (se.endpoint.last_picked, rnd()))
+            # the least recently picked of the near-tied; a random one among equals
+            picked = list(map(_LAST_PICKED, map(endpoints.__getitem__, ties)))
+            oldest = min(picked)
+            ties = list(compress(ties, map(eq, picked, repeat(oldest, len(picked)))))
+            chosen = ties[0] if len(ties) == 1 else ties[self.rng.randrange(len(ties))]
         else:
             chosen = ties[self.rng.randrange(len(ties))]
+        first = endpoints[chosen]
         if self.k == 1:
-            return ProfileRunResult([chosen.endpoint])
-        order = [se for se in scored if se is not chosen]
+            return ProfileRunResult([first])
+        order = [i for i in range(len(totals)) if i != chosen]
         self.rng.shuffle(order)
-        order.sort(key=_score, reverse=True)  # stable: shuffled order breaks exact ties
-        return ProfileRunResult([chosen.endpoint] + [se.endpoint for se in order[: self.k - 1]])
-
-
-def _score(se: ScoredEndpoint) -> float:
-    return se.score
+        order.sort(key=totals.__getitem__, reverse=True)  # stable: shuffled order breaks exact ties
+        return ProfileRunResult([first] + [endpoints[i] for i in order[: self.k - 1]])

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
 from typing import Self
 
 from pydantic import BaseModel, Field, model_validator
@@ -22,10 +24,12 @@ from epp.framework.plugin import Plugin, PluginContext, PluginParams, StateKey
 from epp.framework.requestcontrol import PreRequest
 from epp.framework.scheduling import LLMRequest, SchedulingResult, Scorer
 from epp.plugins.scheduling.prefix_index import PrefixIndex, PrefixIndexConfig, PrefixMatch
+from epp.plugins.scheduling.scoring import scaled
 
 SHARED_KEY: StateKey[_SharedIndex] = StateKey("approx-prefix-cache-index")
 #: profile whose first endpoint also learns the prefix (P/D: the prefill pod holds it too)
 PREFILL_PROFILE = "prefill"
+_KEY = attrgetter("key")
 
 
 class PrefixIndexParams(PluginParams):
@@ -122,6 +126,8 @@ class PrefixCacheScorer(Scorer, PreRequest):
     type_name = "prefix-cache-scorer"
     category = "Affinity"
     Params = PrefixIndexParams
+    #: scores are in [0, 1] and never NaN (the scheduler need not clamp them)
+    bounded = True
 
     def __init__(self, name: str, index: PrefixIndex | None = None) -> None:
         super().__init__(name)
@@ -147,7 +153,8 @@ class PrefixCacheScorer(Scorer, PreRequest):
         matches = st.matches
         if not total or not matches:
             return [0.0] * len(endpoints)
-        return [matches.get(ep.key, 0) / total for ep in endpoints]
+        n = len(endpoints)
+        return scaled(map(matches.get, map(_KEY, endpoints), repeat(0, n)), total, n)
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         primary = result.profile_results.get(result.primary_profile_name)

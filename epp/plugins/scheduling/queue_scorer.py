@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter, sub
 
 from epp.framework.datalayer import Endpoint
 from epp.framework.scheduling import LLMRequest, Scorer
 from epp.plugins.scheduling.scoring import min_max_low_is_best
+
+_METRICS = attrgetter("metrics")
+_WAITING = attrgetter("waiting_queue_size")
+_RUNNING = attrgetter("running_requests_size")
+_INFLIGHT = attrgetter("inflight")
 
 
 def effective_queue(ep: Endpoint) -> int:
@@ -31,6 +37,15 @@ class QueueScorer(Scorer):
 
     type_name = "queue-scorer"
     category = "Distribution"
+    #: scores are in [0, 1] and never NaN (the scheduler need not clamp them)
+    bounded = True
 
     def score(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        return min_max_low_is_best([effective_queue(ep) for ep in endpoints])
+        # effective_queue for every endpoint, computed in C: waiting + max(0, inflight -
+        # running - waiting) is max(waiting, inflight - running). Each endpoint's ``metrics``
+        # is read once: the scraper replaces that object, so waiting and running come from
+        # the same scrape.
+        metrics = list(map(_METRICS, endpoints))
+        waiting = map(_WAITING, metrics)
+        unseen = map(sub, map(_INFLIGHT, endpoints), map(_RUNNING, metrics))
+        return min_max_low_is_best(list(map(max, waiting, unseen)))

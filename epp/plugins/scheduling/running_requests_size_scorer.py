@@ -18,6 +18,8 @@ class RunningRequestsSizeScorer(Scorer):
 
     type_name = "running-requests-size-scorer"
     category = "Distribution"
+    #: scores are in [0, 1] and never NaN (the scheduler need not clamp them)
+    bounded = True
 
     def score(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_low_is_best([ep.metrics.running_requests_size for ep in endpoints])
