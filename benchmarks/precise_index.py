@@ -8,9 +8,10 @@ request's path (issue 12, items 5 and 6).
 **memory** — ``--pods`` endpoints each report ``--blocks`` cached blocks through
 ``KVBlockIndex.apply`` (``BlockStored`` events of 50-block chains, 16 tokens per block, real
 64-bit engine hashes), measured with ``tracemalloc`` (everything the index allocates, arrays
-and Python objects). Two layouts: ``distinct`` (no block held by two endpoints: what prefix
-affinity aims for, and the worst case) and ``shared`` (half of every endpoint's blocks are
-one common set, e.g. a system prompt every pod serves).
+and Python objects) or as resident-set growth (``--measure rss``; run one layout per process
+for it). Two layouts: ``distinct`` (no block held by two endpoints: what prefix affinity aims
+for, and the worst case) and ``shared`` (half of every endpoint's blocks are one common set,
+e.g. a system prompt every pod serves).
 
 **tokenize** — a 4,000-token chat (a ~3,500-token system prompt shared by every request,
 ~500 tokens of new user text each time) through the scorer as the picker runs it:
@@ -87,20 +88,35 @@ def _tokens(pool: list[int], n: int) -> tuple[int, ...]:
     return tuple(toks)
 
 
-def memory(pods: int, blocks: int, layout: str) -> dict[str, Any]:
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def memory(pods: int, blocks: int, layout: str, traced: bool) -> dict[str, Any]:
+    """Memory of the index: every allocation it made (tracemalloc), or the process's resident
+    set growth (RSS: what the pod's memory limit sees, allocator overhead included). Both are
+    taken after building, with the event objects gone."""
     gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
+    if traced:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+    else:
+        before = _rss()
     t0 = time.perf_counter()
     idx = build_index(pods, blocks, layout)
     elapsed = time.perf_counter() - t0
     gc.collect()
-    used = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+    if traced:
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    else:
+        used = _rss() - before
     entries = idx.entries
-    return {"layout": layout, "pods": pods, "blocks_per_pod": blocks, "entries": entries, "keys": idx.keys_count,
-            "mb": round(used / 1e6, 1), "bytes_per_entry": round(used / entries, 1),
-            "build_s_under_tracemalloc": round(elapsed, 1)}
+    return {"layout": layout, "measure": "tracemalloc" if traced else "rss", "pods": pods, "blocks_per_pod": blocks,
+            "entries": entries, "keys": idx.keys_count, "mb": round(used / 1e6, 1),
+            "bytes_per_entry": round(used / entries, 1), "table_bytes_per_entry": round(idx.nbytes() / entries, 1),
+            "build_s": round(elapsed, 1)}
 
 
 def event_rate(pods: int = 4, blocks: int = 31250) -> float:
@@ -276,13 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pods", type=int, default=100)
     ap.add_argument("--blocks", type=int, default=31250)
     ap.add_argument("--layouts", default="distinct,shared")
+    ap.add_argument("--measure", choices=["tracemalloc", "rss"], default="tracemalloc",
+                    help="tracemalloc is exact but slows the build ~5x; rss is quick and includes allocator slack")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
     if args.part in ("memory", "all"):
         print(json.dumps({"stored_blocks_per_s": round(event_rate())}), flush=True)
         for layout in args.layouts.split(","):
-            print(json.dumps(memory(args.pods, args.blocks, layout)), flush=True)
+            print(json.dumps(memory(args.pods, args.blocks, layout, args.measure == "tracemalloc")), flush=True)
     if args.part in ("tokenize", "all"):
         print(json.dumps(asyncio.run(tokenize_bench(args.requests, args.workers))), flush=True)
     return 0

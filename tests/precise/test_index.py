@@ -141,3 +141,34 @@ def test_match_equals_a_plain_walk_on_random_indexes() -> None:
             while n in held[ep]:
                 n += 1
             assert counts[ep] == min(n, next((i for i in range(len(keys)) if i not in held[ep]), len(keys)))
+
+
+def test_owner_table_equals_a_dict_of_owner_sets() -> None:
+    import random
+
+    from epp.datalayer.kvevents.owners import OwnerTable
+
+    rng = random.Random(3)
+    table = OwnerTable()
+    model: dict[int, dict[int, int]] = {}
+    keys = [rng.getrandbits(64) for _ in range(50)]
+    for _ in range(20_000):
+        key, idx = rng.choice(keys), rng.choice([0, 1, 2, 255, 256, 300, 4095])
+        if rng.random() < 0.5:
+            bit = rng.choice([1, 2, 4, 8])
+            assert table.add_bit(key, idx, bit) == model.get(key, {}).get(idx, 0)
+            owners = model.setdefault(key, {})
+            owners[idx] = owners.get(idx, 0) | bit
+        else:
+            mask = rng.choice([0, 0, 1, 3, 15])
+            assert table.set_mask(key, idx, mask) == model.get(key, {}).get(idx, 0)
+            if mask:
+                model.setdefault(key, {})[idx] = mask
+            else:
+                model.get(key, {}).pop(idx, None)
+        model = {k: o for k, o in model.items() if o}
+        assert table.entries == sum(len(o) for o in model.values()) and len(table) == len(model)
+    for key in keys:
+        v = table.table.get(key)
+        assert (table.owners_of(v) if v is not None else {}) == model.get(key, {})
+        assert all(table.mask(key, i) == m for i, m in model.get(key, {}).items())

@@ -22,6 +22,16 @@ def _pack(owners: dict[int, int]) -> bytes:
     return bytes(out)
 
 
+def _find(record: bytes, idx: int) -> int:
+    """Offset of endpoint ``idx``'s 3-byte entry in a record, or -1 (a C-speed scan; the
+    match must sit on an entry boundary)."""
+    pair = bytes((idx & 0xFF, idx >> 8))
+    j = record.find(pair)
+    while j != -1 and j % 3:
+        j = record.find(pair, j + 1)
+    return j
+
+
 def unpack(record: bytes) -> dict[int, int]:
     return {record[i] | (record[i + 1] << 8): record[i + 2] for i in range(0, len(record), 3)}
 
@@ -52,13 +62,8 @@ class OwnerTable:
         if v > 0:
             return v & 15 if v >> 4 == idx else 0
         record = self._multi[-v - 1]
-        pair = bytes((idx & 0xFF, idx >> 8))
-        j = record.find(pair)
-        while j != -1:  # a C-speed scan; the pair must sit on a record boundary
-            if j % 3 == 0:
-                return record[j + 2]
-            j = record.find(pair, j + 1)
-        return 0
+        j = _find(record, idx)
+        return 0 if j < 0 else record[j + 2]
 
     def add_bit(self, key: int, idx: int, bit: int) -> int:
         """Add tier ``bit`` for endpoint ``idx``; returns the previous mask (0: a new entry)."""
@@ -66,7 +71,12 @@ class OwnerTable:
         if v is None:
             self.entries += 1
             return 0
-        prev = (v & 15 if v >> 4 == idx else 0) if v > 0 else self.owners_of(v).get(idx, 0)
+        if v > 0:
+            prev = v & 15 if v >> 4 == idx else 0
+        else:
+            record = self._multi[-v - 1]
+            j = _find(record, idx)
+            prev = 0 if j < 0 else record[j + 2]
         if prev | bit != prev:
             self.set_mask(key, idx, prev | bit)
         return prev
@@ -95,19 +105,25 @@ class OwnerTable:
             self.entries += 1
             return 0
         slot = -v - 1
-        owners = unpack(self._multi[slot])
-        old = owners.get(idx, 0)
+        record = self._multi[slot]
+        j = _find(record, idx)
+        old = 0 if j < 0 else record[j + 2]
         if mask:
-            owners[idx] = mask
-        elif old:
-            del owners[idx]
+            if j < 0:
+                record += bytes((idx & 0xFF, idx >> 8, mask))
+                self.entries += 1
+            elif old != mask:
+                record = record[:j + 2] + bytes((mask,)) + record[j + 3:]
+        elif j >= 0:
+            record = record[:j] + record[j + 3:]
+            self.entries -= 1
         else:
             return 0
-        if not old and mask:
-            self.entries += 1
-        elif old and not mask:
-            self.entries -= 1
-        self._store_multi(key, slot, owners)
+        if len(record) == 3:  # one owner left: back to the inline form
+            self._release(slot)
+            self.table.put(key, (record[0] | record[1] << 8) << 4 | record[2])
+        else:
+            self._multi[slot] = record
         return old
 
     def _store_multi(self, key: int, slot: int | None, owners: dict[int, int]) -> None:

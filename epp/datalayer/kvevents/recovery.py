@@ -26,6 +26,7 @@ resync or orphan), so a healthy index pays nothing.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from time import monotonic
@@ -166,8 +167,17 @@ class OrphanRecovery:
             picks.popleft()
         if not self._pending_total:
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a synchronous caller): anchor now
+            self._match_pending(rec, endpoint, now)
+        else:  # after the request has gone on its way: hashing the prefix is not its cost
+            loop.call_soon(self._match_pending, rec, endpoint, now)
+
+    def _match_pending(self, rec: PickRecord, endpoint: str | None, now: float) -> None:
+        bs = rec.block_size
         data = rec.tokens.tobytes()
-        step = 4 * block_size
+        step = 4 * bs
         blocks = {xxh64_intdigest(data[i:i + step]) for i in range(step, len(data) - step + 1, step)}
         for ep, st in list(self._eps.items()):
             self._expire(st, now)
@@ -175,7 +185,7 @@ class OrphanRecovery:
                 continue
             anchored = False
             for p in list(st.pending):
-                if p.first in blocks and p.ev.block_size == block_size and p in st.pending \
+                if p.first in blocks and p.ev.block_size == bs and p in st.pending \
                         and self._anchor(ep, st, p, rec, ep == endpoint, exact_only=True):
                     self._remove_pending(st, p)
                     anchored = True
