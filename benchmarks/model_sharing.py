@@ -147,7 +147,7 @@ async def preload(pods: list[int], plan: dict[int, list[str]], paths: dict[str, 
 
 def run_policy(policy: str, workdir: Path, names: list[str], paths: dict[str, str], items: list[Item],
                warmup: float, slo: float, load_time: float, sim_args: list[str],
-               watch: list[str] | None = None) -> dict[str, Any]:
+               watch: list[str] | None = None, placement_config: str | None = None) -> dict[str, Any]:
     modules = [f"{n}={paths[n]}" for n in names]
     sim = [*SIM_BASE, "--lora-load-time", str(load_time), *sim_args]
     if policy == "affinity":
@@ -172,6 +172,8 @@ def run_policy(policy: str, workdir: Path, names: list[str], paths: dict[str, st
             extra += ["--model-placement", "observe"]
         elif policy == "placement":
             extra += ["--model-placement", "manage"]
+            if placement_config:
+                extra += ["--model-placement-config", placement_config]
         else:
             config = lora_config()
         grpc, health, mport = (free_port_block(3) + i for i in range(3))
@@ -285,7 +287,7 @@ def zipf(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     out = []
     for policy in args.policies:
         res = run_policy(policy, workdir, names, paths, items, args.warmup, args.slo, args.load_time,
-                         args.sim_args)
+                         args.sim_args, placement_config=args.placement_config)
         res["offered_rps"] = rate
         out.append(res)
         print(row(res), flush=True)
@@ -305,7 +307,7 @@ def shift(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     duration = period * args.shifts
     items = stream(names, weights, rate, duration, args.seed + 1, args.prompt_words, args.max_tokens)
     res = run_policy("placement", workdir / "shift", names, paths, items, 0.0, args.slo, args.load_time,
-                     args.sim_args, watch=names)
+                     args.sim_args, watch=names, placement_config=args.placement_config)
     needed = math.ceil(0.7 * args.load * PODS)
     changes = []
     for k in range(1, args.shifts):
@@ -351,6 +353,7 @@ def main() -> None:
     ap.add_argument("--shifts", type=int, default=4, help="shift: periods (the hot adapter changes between them)")
     ap.add_argument("--sim-args", default="--max-num-seqs 4 --inter-token-latency 0.1",
                     help="extra simulator flags (the pods' speed: keep the request rate this machine can drive)")
+    ap.add_argument("--placement-config", help="--model-placement-config for the placement runs (default: none)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/out/model_sharing.json")
     ap.add_argument("--workdir", help="keep process logs here (default: a temporary directory)")

@@ -23,10 +23,16 @@ The rules (docs/model-sharing.md explains them with their knobs):
   model's (and older than ``minChurnAge``). Sized as a share of the pool, the rule gives the
   same answer on every replica, at any load level, and needs no per-deployment
   requests-per-minute threshold.
+* **Hot pods**: a pod whose expected work (each model's rate split over its copies) exceeds
+  ``copyLoadFactor`` times the average pod's gets relief: its busiest model gets one more copy
+  where the least work is expected, and the scheduler shifts work to it. (At start every load
+  is a cold miss placed before any rate is known; this undoes an unlucky co-location without
+  moving anything.)
 * **Scale down**: a model whose copies exceed what it would need with 25 % more demand (a
-  band, so copies do not flap at a boundary) for ``scaleDownDelay`` loses its least used copy,
-  one per delay. A copy nobody used for ``idleUnloadAfter`` is unloaded, the last one too: an
-  adapter with no demand frees its slot (scale to zero per model).
+  band, so copies do not flap at a boundary) for ``scaleDownDelay``, and whose remaining
+  copies' pods would not become hot, loses its least used copy, one per delay. A copy nobody
+  used for ``idleUnloadAfter`` is unloaded, the last one too: an adapter with no demand frees
+  its slot (scale to zero per model).
 """
 
 from __future__ import annotations
@@ -193,6 +199,9 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
             leaving.add((m, pod.key))
     capable = sum(1 for p in fleet.pods.values() if p.slots > 0)
     total = (sum(st.recent_rate for st in models.values()), sum(st.concurrency for st in models.values()))
+    demand_of = {k: pod_demand(p, models, fleet) for k, p in fleet.pods.items() if p.slots > 0}
+    limit = cfg.copy_load_factor * sum(demand_of.values()) / max(1, len(demand_of))
+    relief = _relief(fleet, models, catalogue, demand_of, limit, owns, capable, cfg)
     for name, st in models.items():
         if not owns(name) or not loadable(name, catalogue):
             continue
@@ -204,6 +213,8 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
             continue  # loaded nowhere (or only draining): the next request decides
         loading = sum(1 for p in fleet.pods.values() if name in p.loading)
         want = desired_copies(st, total, capable, cfg)
+        if name in relief and loading == 0:
+            want = max(want, len(holders) + 1)
         have = len(holders) + loading
         if have < want:
             st.surplus_since = None
@@ -223,12 +234,38 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
                 st.surplus_since = now
             elif now - st.surplus_since >= cfg.scale_down_delay:
                 drop = _least_used(name, holders, fleet, now, cfg.min_churn_age)
-                if drop is not None:
+                # only if the copies that stay do not become the hot pods a copy was added for
+                more = st.recent_rate / max(1, len(holders) - 1) - st.recent_rate / len(holders)
+                if drop is not None and all(demand_of.get(k, 0.0) + more <= limit for k in holders if k != drop):
                     fleet.pods[drop].draining.add(name)
                     st.surplus_since = now  # one copy per delay: copies scale down slowly
         else:
             st.surplus_since = None
     return actions
+
+
+def _relief(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str, CatalogueModel],
+            demand_of: Mapping[str, float], limit: float, owns: Callable[[str], bool], capable: int,
+            cfg: PlacementConfig) -> set[str]:
+    """Models that get one more copy because a pod holding them expects more than
+    ``copyLoadFactor`` times the average pod's work: on each such pod, the model with the most
+    requests per copy (that may still grow). Copies first land where the demand was unknown
+    (at start every load is a cold miss); this is how a pod that collected several busy models
+    gets relief without moving anything: the scheduler shifts the work to the new copy."""
+    out: set[str] = set()
+    cap = min(capable, cfg.max_copies or capable)
+    for key, expected in demand_of.items():
+        if limit <= 0.0 or expected <= limit:
+            continue
+        best: tuple[float, str] | None = None
+        for m in fleet.pods[key].adapters:
+            if owns(m) and loadable(m, catalogue) and fleet.copies(m) < cap:
+                cand = (per_copy_rate(m, models, fleet), m)
+                if best is None or cand > best:
+                    best = cand
+        if best is not None:
+            out.add(best[1])
+    return out
 
 
 def _least_used(model: str, holders: list[str], fleet: Fleet, now: float, min_age: float) -> str | None:

@@ -224,3 +224,15 @@ def test_a_copy_being_unloaded_takes_no_request_and_a_draining_one_only_as_the_l
     f.reindex()
     assert "a1" not in f.routable          # every copy is leaving: requests are held
     assert f.holders["a1"] == {"p0", "p1"}
+
+
+def test_a_pod_that_collected_busy_models_gets_relief_where_the_least_work_is_expected() -> None:
+    """a1 and a2 each need one copy by their share, but both landed on p0, which now expects
+    twice the average pod's work: the busier of them gets a second copy on the quietest pod."""
+    f = fleet({"p0": ["a1", "a2"], "p1": ["a3"], "p2": ["a4"], "p3": ["a5"]}, slots=2, used=99.0)
+    models = demand(a1=1.6, a2=1.4, a3=1.0, a4=1.0, a5=0.3)
+    loads = [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)]
+    assert loads == [Load("a1", "p3", SCALE_UP)]
+    # the same models spread over the pods: nothing to relieve
+    f = fleet({"p0": ["a1", "a5"], "p1": ["a2"], "p2": ["a3"], "p3": ["a4"]}, slots=2, used=99.0)
+    assert [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)] == []
