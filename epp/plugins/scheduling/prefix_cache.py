@@ -169,7 +169,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         if not hashes:
             return
         index = self.index
-        index.add(target, hashes)
+        index.add(target, hashes, held=st.matches.get(target.key, 0))
         prefill = result.profile_results.get(PREFILL_PROFILE)
         if prefill is not None and prefill.target_endpoints:
             pf = prefill.target_endpoints[0]

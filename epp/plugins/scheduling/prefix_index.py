@@ -13,11 +13,29 @@ its whole prefix, as the engine's own block hashes do:
 A trailing partial block is hashed too; input shorter than one block gives no hashes.
 
 State is per process and rebuilt from traffic; it is never shared between picker replicas.
+
+Memory (``python -m benchmarks.prefix_index_memory``): 100 pods x 31,250 blocks is 3.1 M
+(block, pod) entries. With a dict of sets plus an ``OrderedDict`` LRU per pod that was ~423
+bytes per entry (1.3 GB). Here, with endpoints interned to small indices:
+
+* one open-addressing table (two flat arrays, ``uint64`` hash → ``int64``) maps a block to
+  its holders: ``(seq << 16) | endpoint`` when one endpoint holds it (the common case under
+  prefix affinity), else a reference to a small ``array`` of (endpoint, seq) pairs and the
+  holders' bitmask;
+* each endpoint's LRU is a log (an ``array`` of hashes, oldest first) of every time a block
+  was learned for it; ``seq`` is the position of the block's latest log entry, so an older
+  entry of the same block is recognised as stale and skipped when the log's head is
+  evicted, and the log is compacted once stale entries outnumber live ones.
+
+That is 16 bytes of table slot at a load of at most 3/4 plus 8-24 bytes of log per entry:
+~40-60 bytes, every operation O(1) amortised, and no per-entry Python object for the
+garbage collector to walk (the old structure made every collection of the oldest generation
+visit millions of sets, a multi-millisecond pause on the request loop).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -72,17 +90,47 @@ class PrefixMatch:
     learned: bool = False
 
 
+_SEQ_SHIFT = 16
+_IDX_MASK = (1 << _SEQ_SHIFT) - 1
+#: endpoints the index can tell apart at once (interned indices are reused after removal)
+MAX_ENDPOINTS = 1 << _SEQ_SHIFT
+_MIN_CAPACITY = 1 << 10
+
+
+@dataclass(slots=True, eq=False)
+class _Pod:
+    """One endpoint's learned blocks: a log of hashes, oldest first from ``head``."""
+
+    idx: int
+    key: str
+    log: array[int] = field(default_factory=lambda: array("Q"))
+    head: int = 0  # log[:head] is evicted
+    base: int = 0  # seq of log[0]
+    size: int = 0  # live (block, this endpoint) entries
+
+
 @dataclass(slots=True)
 class PrefixIndex:
     config: PrefixIndexConfig = field(default_factory=PrefixIndexConfig)
     metrics: EppMetrics | None = None
-    #: endpoint key → LRU of its block hashes (oldest first)
-    _lrus: dict[str, OrderedDict[int, None]] = field(default_factory=dict)
-    #: block hash → keys of endpoints holding it
-    _owners: dict[int, set[str]] = field(default_factory=dict)
-    _size: int = 0
     #: key of this index's PrefixMatch in LLMRequest.state
     state_key: StateKey[PrefixMatch] = field(default_factory=lambda: StateKey("approx-prefix-match"))
+    _pods: dict[str, _Pod] = field(default_factory=dict)
+    _by_idx: list[_Pod | None] = field(default_factory=list)
+    _free_idx: list[int] = field(default_factory=list)
+    # block hash -> holders (open addressing, linear probing; key 0 = empty slot, so a
+    # block hashed to 0 is held in ``_zero`` instead)
+    _keys: array[int] = field(default_factory=lambda: array("Q", bytes(8 * _MIN_CAPACITY)))
+    _vals: array[int] = field(default_factory=lambda: array("q", bytes(8 * _MIN_CAPACITY)))
+    _mask: int = _MIN_CAPACITY - 1
+    _used: int = 0
+    _zero: int | None = None
+    # holders of blocks held by several endpoints: [idx, seq, idx, seq, ...], and the same
+    # holders as a bitmask (bit idx) so that matching is a few integer operations per block
+    _multi: list[array[int] | None] = field(default_factory=list)
+    _multi_mask: list[int] = field(default_factory=list)
+    _free_multi: list[int] = field(default_factory=list)
+    _size: int = 0
 
     # ---- per request ----
     def block_tokens(self, candidates: Sequence[Endpoint]) -> int:
@@ -104,32 +152,72 @@ class PrefixIndex:
         hashes = chain_hashes(text, seed, chars, max_blocks)
         return PrefixMatch(hashes, chars, self.match(hashes) if hashes else {})
 
+    def _get(self, h: int) -> int | None:
+        if h == 0:
+            return self._zero
+        keys = self._keys
+        mask = self._mask
+        i = h & mask
+        while True:
+            k = keys[i]
+            if k == h:
+                return int(self._vals[i])
+            if k == 0:
+                return None
+            i = (i + 1) & mask
+
+    def _holders(self, v: int) -> list[int]:
+        if v >= 0:
+            return [v & _IDX_MASK]
+        rec = self._multi[-v - 1]
+        assert rec is not None
+        return list(rec[0::2])
+
+    def _mask_of(self, v: int) -> int:
+        return 1 << (v & _IDX_MASK) if v >= 0 else self._multi_mask[-v - 1]
+
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Endpoint key → number of *consecutive* blocks it holds from the first one.
 
         Stricter than "stop at the first hash no endpoint holds": an endpoint that lost
-        block 2 cannot reuse block 3 either (the engine's cache is a chain too).
+        block 2 cannot reuse block 3 either (the engine's cache is a chain too). The
+        endpoints still matching are a bitmask, so a block costs a table probe and an AND
+        whether one endpoint holds it or a hundred.
         """
-        get = self._owners.get
-        result: dict[str, int] = {}
-        alive: set[str] = set()
+        get = self._get
+        multi_mask = self._multi_mask
+        counts: dict[int, int] = {}
+        alive = 0
         n = 0
         for h in hashes:
-            owners = get(h)
-            if owners is None:
+            v = get(h)
+            if v is None:
                 break
+            m = 1 << (v & _IDX_MASK) if v >= 0 else multi_mask[-v - 1]
             if n == 0:
-                alive = set(owners)
-            elif not alive <= owners:
-                for key in alive - owners:
-                    result[key] = n
-                alive &= owners
-                if not alive:
-                    break
+                alive = m
+            else:
+                lost = alive & ~m
+                if lost:
+                    while lost:
+                        bit = lost & -lost
+                        counts[bit.bit_length() - 1] = n
+                        lost ^= bit
+                    alive &= m
+                    if not alive:
+                        break
             n += 1
-        for key in alive:
-            result[key] = n
-        return result
+        while alive:
+            bit = alive & -alive
+            counts[bit.bit_length() - 1] = n
+            alive ^= bit
+        by_idx = self._by_idx
+        out: dict[str, int] = {}
+        for k, c in counts.items():
+            pod = by_idx[k]
+            if pod is not None:
+                out[pod.key] = c
+        return out
 
     # ---- learning ----
     def capacity(self, ep: Endpoint) -> int:
@@ -139,55 +227,291 @@ class PrefixIndex:
                 return nb
         return self.config.lru_capacity_per_server
 
-    def add(self, ep: Endpoint, hashes: Sequence[int]) -> None:
+    def _pod(self, key: str) -> _Pod:
+        pod = self._pods.get(key)
+        if pod is None:
+            if self._free_idx:
+                idx = self._free_idx.pop()
+            else:
+                idx = len(self._by_idx)
+                if idx >= MAX_ENDPOINTS:
+                    raise ValueError(f"the prefix index tracks at most {MAX_ENDPOINTS} endpoints")
+                self._by_idx.append(None)
+            pod = self._pods[key] = self._by_idx[idx] = _Pod(idx, key)
+        return pod
+
+    def add(self, ep: Endpoint, hashes: Sequence[int], held: int = 0) -> None:
         """Record that ``ep`` now holds these blocks.
 
         Inserted last-to-first so the first blocks end up most recently used: under pressure
         the LRU drops the tails of prompts before their shared heads, as the engine does.
+
+        ``held``: the first ``held`` blocks are known to be held by ``ep`` already (the
+        request's match). They were learned together, so when the first of them is still in
+        the newer half of the endpoint's LRU the whole run is far from eviction and is not
+        refreshed: a hot system prompt then costs one lookup per request instead of one
+        update per block. Eviction stays exact for everything else.
         """
         if not hashes:
             return
-        key = ep.key
-        lru = self._lrus.get(key)
-        if lru is None:
-            lru = self._lrus[key] = OrderedDict()
-        owners_of = self._owners
+        pod = self._pod(ep.key)
+        idx = pod.idx
+        log = pod.log
+        if held > 0:
+            seq = self._seq_of(hashes[0], idx)
+            if seq is not None and pod.base + len(log) - seq <= self.capacity(ep) // 2:
+                hashes = hashes[held:]
+                if not hashes:
+                    return
+        if (self._used + len(hashes)) * 4 > (self._mask + 1) * 3:  # room for all, one resize
+            cap = self._mask + 1
+            while (self._used + len(hashes)) * 4 > cap * 3:
+                cap *= 2
+            self._resize(cap)
+        keys, vals, mask = self._keys, self._vals, self._mask
+        seq = pod.base + len(log)
+        log.extend(reversed(hashes))
         added = 0
+        # _learn inlined for the common cases (a new block, a refresh of this endpoint's
+        # block): this loop runs for every block of every routed request
         for h in reversed(hashes):
-            if h in lru:
-                lru.move_to_end(h)
-            else:
-                lru[h] = None
+            new = (seq << _SEQ_SHIFT) | idx
+            if h:
+                i = h & mask
+                while True:
+                    k = keys[i]
+                    if k == h:
+                        v = vals[i]
+                        if v >= 0 and v & _IDX_MASK == idx:
+                            vals[i] = new
+                        else:
+                            vals[i], fresh = self._merge(v, idx, seq)
+                            added += fresh
+                        break
+                    if k == 0:
+                        keys[i] = h
+                        vals[i] = new
+                        self._used += 1
+                        added += 1
+                        break
+                    i = (i + 1) & mask
+            elif self._learn(h, idx, seq):
                 added += 1
-                owners = owners_of.get(h)
-                if owners is None:
-                    owners_of[h] = {key}
-                else:
-                    owners.add(key)
+            seq += 1
+        pod.size += added
         cap = self.capacity(ep)
         evicted = 0
-        while len(lru) > cap:
-            h, _ = lru.popitem(last=False)
-            self._drop_owner(h, key)
-            evicted += 1
+        while pod.size > cap:
+            h = log[pod.head]
+            seq = pod.base + pod.head
+            pod.head += 1
+            if self._forget(h, idx, seq):
+                pod.size -= 1
+                evicted += 1
         self._size += added - evicted
+        if len(log) - pod.head > 2 * pod.size + 64:
+            self._compact(pod)
+        elif pod.head > 4096 and pod.head * 2 > len(log):
+            del log[: pod.head]
+            pod.base += pod.head
+            pod.head = 0
         if self.metrics is not None:
             self.metrics.prefix_indexer_size.set(self._size)
 
-    def _drop_owner(self, h: int, key: str) -> None:
-        owners = self._owners.get(h)
-        if owners is not None:
-            owners.discard(key)
-            if not owners:
-                del self._owners[h]
+    def _learn(self, h: int, idx: int, seq: int) -> bool:
+        """Set (h, idx)'s seq; True when the entry is new."""
+        new = (seq << _SEQ_SHIFT) | idx
+        if h == 0:
+            v = self._zero
+            if v is None:
+                self._zero = new
+                return True
+            self._zero, added = self._merge(v, idx, seq)
+            return added
+        keys = self._keys
+        mask = self._mask
+        i = h & mask
+        while True:
+            k = keys[i]
+            if k == h:
+                v = int(self._vals[i])
+                if v >= 0 and v & _IDX_MASK == idx:  # the common refresh
+                    self._vals[i] = new
+                    return False
+                self._vals[i], added = self._merge(v, idx, seq)
+                return added
+            if k == 0:
+                keys[i] = h
+                self._vals[i] = new
+                self._used += 1
+                if self._used * 4 > (mask + 1) * 3:
+                    self._resize((mask + 1) * 2)
+                return True
+            i = (i + 1) & mask
+
+    def _merge(self, v: int, idx: int, seq: int) -> tuple[int, bool]:
+        """Holders value ``v`` with (idx, seq) set; (new value, whether idx is new)."""
+        if v >= 0:
+            other = v & _IDX_MASK
+            if other == idx:
+                return (seq << _SEQ_SHIFT) | idx, False
+            rec = array("q", (other, v >> _SEQ_SHIFT, idx, seq))
+            mask = (1 << other) | (1 << idx)
+            if self._free_multi:
+                slot = self._free_multi.pop()
+                self._multi[slot] = rec
+                self._multi_mask[slot] = mask
+            else:
+                slot = len(self._multi)
+                self._multi.append(rec)
+                self._multi_mask.append(mask)
+            return -(slot + 1), True
+        held = self._multi[-v - 1]
+        assert held is not None
+        if self._multi_mask[-v - 1] >> idx & 1:
+            for j in range(0, len(held), 2):
+                if held[j] == idx:
+                    held[j + 1] = seq
+                    return v, False
+        held.append(idx)
+        held.append(seq)
+        self._multi_mask[-v - 1] |= 1 << idx
+        return v, True
+
+    def _seq_of(self, h: int, idx: int) -> int | None:
+        """Log position of (h, idx)'s latest learning, None when idx does not hold h."""
+        v = self._get(h)
+        if v is None:
+            return None
+        if v >= 0:
+            return v >> _SEQ_SHIFT if v & _IDX_MASK == idx else None
+        rec = self._multi[-v - 1]
+        assert rec is not None
+        for j in range(0, len(rec), 2):
+            if rec[j] == idx:
+                return int(rec[j + 1])
+        return None
+
+    def _is_current(self, h: int, idx: int, seq: int) -> bool:
+        v = self._get(h)
+        if v is None:
+            return False
+        if v >= 0:
+            return v == (seq << _SEQ_SHIFT) | idx
+        rec = self._multi[-v - 1]
+        assert rec is not None
+        for j in range(0, len(rec), 2):
+            if rec[j] == idx:
+                return rec[j + 1] == seq
+        return False
+
+    def _forget(self, h: int, idx: int, seq: int) -> bool:
+        """Drop (h, idx) when its latest log entry is ``seq``; True when dropped."""
+        v = self._get(h)
+        if v is None:
+            return False
+        if v >= 0:
+            if v != (seq << _SEQ_SHIFT) | idx:
+                return False
+            self._delete(h)
+            return True
+        slot = -v - 1
+        rec = self._multi[slot]
+        assert rec is not None
+        for j in range(0, len(rec), 2):
+            if rec[j] == idx:
+                if rec[j + 1] != seq:
+                    return False
+                del rec[j: j + 2]
+                self._multi_mask[slot] &= ~(1 << idx)
+                if len(rec) == 2:  # one holder left: back to the inline form
+                    self._set(h, (rec[1] << _SEQ_SHIFT) | rec[0])
+                    self._multi[slot] = None
+                    self._multi_mask[slot] = 0
+                    self._free_multi.append(slot)
+                return True
+        return False
+
+    def _set(self, h: int, value: int) -> None:
+        """Overwrite the value of a present key."""
+        if h == 0:
+            self._zero = value
+            return
+        keys = self._keys
+        mask = self._mask
+        i = h & mask
+        while keys[i] != h:
+            i = (i + 1) & mask
+        self._vals[i] = value
+
+    def _delete(self, h: int) -> None:
+        if h == 0:
+            self._zero = None
+            return
+        keys, vals, mask = self._keys, self._vals, self._mask
+        i = h & mask
+        while keys[i] != h:
+            i = (i + 1) & mask
+        # backward-shift deletion: later members of the probe run move into the hole when
+        # their home slot is not between the hole and their slot (no tombstones)
+        j = i
+        while True:
+            j = (j + 1) & mask
+            k = keys[j]
+            if k == 0:
+                break
+            home = k & mask
+            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+                keys[i] = k
+                vals[i] = vals[j]
+                i = j
+        keys[i] = 0
+        vals[i] = 0
+        self._used -= 1
+
+    def _resize(self, cap: int) -> None:
+        old_keys, old_vals = self._keys, self._vals
+        cap = max(cap, _MIN_CAPACITY)
+        keys = self._keys = array("Q", bytes(8 * cap))
+        vals = self._vals = array("q", bytes(8 * cap))
+        mask = self._mask = cap - 1
+        for n, k in enumerate(old_keys):
+            if k:
+                i = k & mask
+                while keys[i]:
+                    i = (i + 1) & mask
+                keys[i] = k
+                vals[i] = old_vals[n]
+
+    def _compact(self, pod: _Pod) -> None:
+        """Rewrite ``pod``'s log with its live entries only (stale duplicates outnumbered
+        them), renumbering their seqs past every old one."""
+        log, idx = pod.log, pod.idx
+        new_base = pod.base + len(log)
+        live = array("Q")
+        for p in range(pod.head, len(log)):
+            h = log[p]
+            if self._is_current(h, idx, pod.base + p):
+                seq = new_base + len(live)
+                live.append(h)
+                v = self._get(h)
+                assert v is not None
+                if v >= 0:
+                    self._set(h, (seq << _SEQ_SHIFT) | idx)
+                else:
+                    self._merge(v, idx, seq)
+        pod.log, pod.base, pod.head = live, new_base, 0
 
     def remove_endpoint(self, key: str) -> None:
-        lru = self._lrus.pop(key, None)
-        if lru is None:
+        pod = self._pods.pop(key, None)
+        if pod is None:
             return
-        for h in lru:
-            self._drop_owner(h, key)
-        self._size -= len(lru)
+        log = pod.log
+        for p in range(pod.head, len(log)):
+            self._forget(log[p], pod.idx, pod.base + p)
+        self._size -= pod.size
+        self._by_idx[pod.idx] = None
+        self._free_idx.append(pod.idx)
         if self.metrics is not None:
             self.metrics.prefix_indexer_size.set(self._size)
 
@@ -205,11 +529,26 @@ class PrefixIndex:
         return self._size
 
     def endpoints(self) -> list[str]:
-        return list(self._lrus)
+        return list(self._pods)
 
     def holders(self, h: int) -> frozenset[str]:
-        return frozenset(self._owners.get(h, ()))
+        v = self._get(h)
+        if v is None:
+            return frozenset()
+        by_idx = self._by_idx
+        return frozenset(p.key for i in self._holders(v) if (p := by_idx[i]) is not None)
 
     def blocks_of(self, key: str) -> list[int]:
         """The endpoint's block hashes, least recently used first."""
-        return list(self._lrus.get(key, ()))
+        pod = self._pods.get(key)
+        if pod is None:
+            return []
+        log = pod.log
+        return [log[p] for p in range(pod.head, len(log)) if self._is_current(log[p], pod.idx, pod.base + p)]
+
+    def nbytes(self) -> int:
+        """Bytes held by the index's arrays (tables, logs, multi-holder records)."""
+        total = self._keys.itemsize * len(self._keys) + self._vals.itemsize * len(self._vals)
+        total += sum(p.log.itemsize * len(p.log) for p in self._pods.values())
+        total += sum(r.itemsize * len(r) for r in self._multi if r is not None)
+        return total + sum((m.bit_length() + 7) // 8 for m in self._multi_mask)

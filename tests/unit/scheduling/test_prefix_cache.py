@@ -277,3 +277,45 @@ def test_match_and_reverse_map_agree_with_a_naive_model(adds, query, cap):
         if n:
             expected[key] = n
     assert idx.match(query) == expected
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 40), max_size=12)),
+                max_size=60),
+       st.lists(st.integers(0, 40), min_size=1, max_size=10), st.integers(1, 12))
+@settings(max_examples=150)
+def test_colliding_hashes_and_removal_agree_with_a_naive_model(adds, query, cap):
+    """Block hashes that share their low bits (one probe run in the index's table), learned,
+    evicted, re-learned and purged with an endpoint: the index always equals a plain model of
+    per-endpoint LRUs."""
+    idx = PrefixIndex(PrefixIndexConfig(lru_capacity_per_server=cap, auto_tune=False))
+    eps = [ep(f"e{i}") for i in range(4)]
+    model: dict[str, list[int]] = {e.key: [] for e in eps}  # LRU first
+
+    def h(v: int) -> int:
+        return (v << 20) | 7  # same home slot for every block
+
+    for n, (which, blocks) in enumerate(adds):
+        key = eps[which].key
+        if n % 17 == 16:  # now and then the endpoint leaves the pool and comes back empty
+            idx.remove_endpoint(key)
+            model[key] = []
+        idx.add(eps[which], [h(b) for b in blocks])
+        lru = model[key]
+        for b in reversed(blocks):
+            if h(b) in lru:
+                lru.remove(h(b))
+            lru.append(h(b))
+        del lru[: max(0, len(lru) - cap)]
+    for e in eps:
+        assert idx.blocks_of(e.key) == model[e.key]
+    assert idx.size == sum(len(v) for v in model.values())
+    for b in range(41):
+        assert idx.holders(h(b)) == {k for k, v in model.items() if h(b) in v}
+    expected = {}
+    for key, lru in model.items():
+        n = 0
+        while n < len(query) and h(query[n]) in lru:
+            n += 1
+        if n:
+            expected[key] = n
+    assert idx.match([h(q) for q in query]) == expected
