@@ -50,6 +50,9 @@ from epp.envoy.jwt import JWT_NAMESPACE, JwtSpec, jwt_filters
 
 Routing = Literal["override-host", "original-dst", "direct"]
 BodyMode = Literal["FULL_DUPLEX_STREAMED", "BUFFERED", "NONE"]
+#: how the picker takes part in responses; must match ``epp serve --response-processing``
+#: (``response_body_modes`` below, docs/envoy.md)
+ResponseProcessing = Literal["auto", "full", "none"]
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
@@ -72,8 +75,20 @@ class EnvoySpec:
     listen: tuple[str, int] = ("127.0.0.1", 8081)
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
     routing: Routing = "override-host"
-    request_body_mode: BodyMode = "FULL_DUPLEX_STREAMED"
-    response_body_mode: BodyMode = "FULL_DUPLEX_STREAMED"
+    #: ``auto`` (default): the request body BUFFERED, the response body NONE with
+    #: ``allow_mode_override``: the picker sees every response's headers and end (in-flight
+    #: release, served endpoint) and asks for the body of a response only when it needs it
+    #: (a model name to restore, ``usage`` to read); ``none``: never the body; ``full``: every
+    #: response body through the picker, FULL_DUPLEX_STREAMED both ways (GIE's setting)
+    response_processing: ResponseProcessing = "auto"
+    #: explicit body modes (tests, other gateways' settings); None = from ``response_processing``
+    request_body_mode: BodyMode | None = None
+    response_body_mode: BodyMode | None = None
+    #: the largest request body Envoy buffers for the picker when the request body is
+    #: BUFFERED (listener ``per_connection_buffer_limit_bytes``; larger bodies get Envoy's 413).
+    #: Above the picker's ``--max-request-body-bytes`` (10 MiB) so that its JSON 413 answers
+    #: bodies just over its own limit.
+    request_buffer_bytes: int = 11 * 1024 * 1024
     picker_tls: bool = True
     retries: int = 2
     report_served_endpoint: bool = True
@@ -201,25 +216,50 @@ def _picker_cluster(spec: EnvoySpec) -> cluster.Cluster:
     return c
 
 
+def body_modes(spec: EnvoySpec) -> tuple[BodyMode, BodyMode]:
+    """(request, response) body modes of the ext_proc filter.
+
+    ``auto`` / ``none`` buffer the request body because Envoy 1.40 ignores ``mode_override``
+    whenever a body mode is FULL_DUPLEX_STREAMED (verified in tests/integration/
+    test_response_processing.py): with a FULL_DUPLEX request the picker could never switch a
+    response's body on or off. BUFFERED also sends the prompt once (one message, no echo).
+    """
+    full = spec.response_processing == "full"
+    req: BodyMode = spec.request_body_mode or ("FULL_DUPLEX_STREAMED" if full else "BUFFERED")
+    resp: BodyMode = spec.response_body_mode or ("FULL_DUPLEX_STREAMED" if full else "NONE")
+    return req, resp
+
+
 def _ext_proc_filter(spec: EnvoySpec) -> hcm.HttpFilter:
     mode = ext_proc.ProcessingModeBodySendMode
     header = ext_proc.ProcessingModeHeaderSendMode
+    req_mode, resp_mode = body_modes(spec)
     pm = ext_proc.ProcessingMode(
         request_header_mode=header.SEND,
         response_header_mode=header.SEND,
-        request_body_mode=getattr(mode, spec.request_body_mode),
-        response_body_mode=getattr(mode, spec.response_body_mode),
+        request_body_mode=getattr(mode, req_mode),
+        response_body_mode=getattr(mode, resp_mode),
+        # a response ended by trailers: the picker sees its end without the body
+        response_trailer_mode=header.SEND,
     )
-    if "FULL_DUPLEX_STREAMED" in (spec.request_body_mode, spec.response_body_mode):
+    if "FULL_DUPLEX_STREAMED" in (req_mode, resp_mode):
         # Envoy rejects FULL_DUPLEX without trailers sent.
         pm.request_trailer_mode = header.SEND
-        pm.response_trailer_mode = header.SEND
+    # The picker may ask for one response's body (mode_override on its response_headers
+    # answer); Envoy honours that only outside FULL_DUPLEX_STREAMED.
+    override = spec.response_processing == "auto" and "FULL_DUPLEX_STREAMED" not in (req_mode, resp_mode)
+    # A BUFFERED request body is answered after admission, which may queue it (flow control,
+    # an empty pool held for scale-from-zero): the per-message timeout must not cut that.
+    # FULL_DUPLEX ignores message_timeout.
+    timeout = timedelta(seconds=spec.route_timeout_s) if req_mode != "FULL_DUPLEX_STREAMED" else timedelta(seconds=2)
     cfg = ext_proc.ExternalProcessor(
         grpc_service=core.GrpcService(
             envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name="ext_proc"), timeout=timedelta(seconds=10)
         ),
         failure_mode_allow=spec.failure_mode_allow,
-        message_timeout=timedelta(seconds=2),
+        message_timeout=timeout,
+        max_message_timeout=timeout,
+        allow_mode_override=override,
         processing_mode=pm,
         metadata_options=ext_proc.MetadataOptions(
             receiving_namespaces=ext_proc.MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
@@ -294,6 +334,8 @@ def build_bootstrap(spec: EnvoySpec) -> bootstrap.Bootstrap:
     lst = listener.Listener(
         name="main", address=_addr(*spec.listen), filter_chains=[listener.FilterChain(filters=[network_filter])]
     )
+    if (spec.routing != "direct" or spec.ext_proc_on_direct) and body_modes(spec)[0] == "BUFFERED":
+        lst.per_connection_buffer_limit_bytes = spec.request_buffer_bytes
     clusters = [_pool_cluster(spec)]
     if spec.routing != "direct" or spec.ext_proc_on_direct:
         clusters.append(_picker_cluster(spec))

@@ -32,7 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", type=_addrs, default=[("127.0.0.1", 8081)], help="listener ip:port")
     p.add_argument("--admin", type=_addrs, default=[("127.0.0.1", 9901)], help="admin ip:port")
     p.add_argument("--routing", choices=("override-host", "original-dst", "direct"), default="override-host")
-    p.add_argument("--body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
+    p.add_argument("--response-processing", choices=("auto", "full", "none"), default="auto",
+                   help="how the picker takes part in responses; must match epp serve --response-processing. "
+                        "auto: request body BUFFERED, response body only when the picker asks for it (model "
+                        "name restore, usage); none: never; full: FULL_DUPLEX_STREAMED both ways (GIE's setting)")
+    p.add_argument("--body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default=None,
+                   help="force both body modes (default: from --response-processing)")
     p.add_argument("--picker-tls", choices=("true", "false"), default="true")
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--access-log", action="store_true")
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     spec = EnvoySpec(
         pool=args.pool, pickers=args.picker, listen=args.listen[0], admin=args.admin[0],
         routing=args.routing, request_body_mode=args.body_mode, response_body_mode=args.body_mode,
+        response_processing=args.response_processing,
         picker_tls=args.picker_tls == "true", retries=args.retries, access_log=args.access_log, jwt=jwt,
     )
     sys.stdout.write(bootstrap_json(spec) + "\n")

@@ -3,6 +3,10 @@
 One gRPC ``Process`` stream per HTTP request. What we send depends on the body modes Envoy
 announces in ``protocol_config`` on the first message (envoy_extproc.md §3):
 
+* Response body NONE (``epp envoy-config``'s default, ``auto``): the picker sees the response
+  headers and, when Envoy closes the stream, the response's end; it asks for one response's
+  body (``mode_override`` on its response_headers answer: STREAMED for SSE, BUFFERED for
+  JSON) only when ``Director.wants_response_body`` says so.
 * FULL_DUPLEX_STREAMED (GIE's mode): answer nothing until the request body's end of stream,
   then the deferred ``request_headers`` answer carrying the pick (header + ``envoy.lb``
   metadata), then the body as ≤ 62,000-byte ``StreamedBodyResponse`` chunks. Response SSE
@@ -57,6 +61,7 @@ log = logging.getLogger(__name__)
 _Mode = processing_mode_pb2.ProcessingMode
 FULL_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
 BUFFERED = _Mode.BUFFERED
+STREAMED = _Mode.STREAMED
 NONE = _Mode.NONE
 
 # Where a stream is on the request side and on the response side.
@@ -247,6 +252,20 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             resp = _TRAILERS
                     elif resp_mode == NONE:
                         raise ProtocolError(kind, "response body while the response body mode is NONE")
+                    elif resp_mode == STREAMED:
+                        # One answer per chunk, the chunk replaced only when it changed. No
+                        # partial line is carried over: trailers may end the body, and their
+                        # answer cannot carry body bytes. JSON passes unchanged (its usage is
+                        # read at the end; the picker asks for JSON bodies BUFFERED).
+                        original = rbody.body
+                        if sse:
+                            new = rw.sse_chunk(original, True)
+                            yield msgs.EMPTY_RESPONSE_BODY if new == original else msgs.replaced_response_chunk(new)
+                        else:
+                            rw.json_chunk(original)
+                            if eos:
+                                rw.json_finish()
+                            yield msgs.EMPTY_RESPONSE_BODY
                     else:
                         yield msgs.EMPTY_RESPONSE_BODY
                     if eos:
@@ -358,10 +377,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     director.response_headers(ctx, _response_headers(rh.headers), _served(msg))
                     sse = ctx.response.streaming
                     served = director.conformance_served(ctx) if director.conformance_hooks else None
-                    if served is None:
+                    body_mode = None
+                    if resp_mode == NONE and not rh.end_of_stream and director.wants_response_body(ctx):
+                        # Envoy sends no response body unless asked: ask for this one's
+                        resp_mode = body_mode = STREAMED if sse else BUFFERED
+                    if served is None and body_mode is None:
                         yield msgs.EMPTY_RESPONSE_HEADERS
                     else:  # GIE conformance hooks: report what served
-                        yield msgs.response_headers_response({SERVED_RESPONSE_HEADER: served})
+                        yield msgs.response_headers_response(
+                            {} if served is None else {SERVED_RESPONSE_HEADER: served}, body_mode)
                     if rh.end_of_stream:
                         resp = _DONE
                         director.complete(ctx)
@@ -377,6 +401,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         tail = rw.sse_flush() if sse else rw.json_finish()
                         for out in msgs.streamed_body_responses(tail, request=False, end_of_stream=False):
                             yield out
+                    elif resp == _BODY and resp_mode == STREAMED and not sse:
+                        rw = ctx.rewriter
+                        assert rw is not None
+                        rw.json_finish()  # usage of a JSON body ended by trailers
                     resp = _DONE
                     yield msgs.EMPTY_RESPONSE_TRAILERS
                     director.complete(ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
@@ -63,10 +64,37 @@ def routed_headers_response(
     )
 
 
-def response_headers_response(set_headers: Mapping[str, str]) -> pb.ProcessingResponse:
-    """A response_headers answer that sets headers on the client's response."""
-    return pb.ProcessingResponse(
+def response_headers_response(set_headers: Mapping[str, str], body_mode: int | None = None) -> pb.ProcessingResponse:
+    """A response_headers answer that sets headers on the client's response and, with
+    ``body_mode`` (``ProcessingMode.STREAMED`` / ``BUFFERED``), asks Envoy for this response's
+    body (``mode_override``: honoured with ``allow_mode_override`` outside FULL_DUPLEX)."""
+    if not set_headers and body_mode is not None:
+        return ASK_RESPONSE_BODY[body_mode]
+    out = pb.ProcessingResponse(
         response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=header_mutation(set_headers)))
+    )
+    if body_mode is not None:
+        out.mode_override.CopyFrom(_body_mode(body_mode))
+    return out
+
+
+def _body_mode(body_mode: int) -> processing_mode_pb2.ProcessingMode:
+    m = processing_mode_pb2.ProcessingMode
+    # the rest of the stream: this response's body in ``body_mode``, its trailers (an end)
+    return m(response_header_mode=m.SEND, response_body_mode=body_mode, response_trailer_mode=m.SEND)
+
+
+#: response_headers answers that only ask for the body, per body mode
+ASK_RESPONSE_BODY = {
+    mode: pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=_body_mode(mode))
+    for mode in (processing_mode_pb2.ProcessingMode.STREAMED, processing_mode_pb2.ProcessingMode.BUFFERED)
+}
+
+
+def replaced_response_chunk(body: bytes) -> pb.ProcessingResponse:
+    """STREAMED response body: this chunk's bytes replaced (a model name restored)."""
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body)))
     )
 
 

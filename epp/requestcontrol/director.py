@@ -137,6 +137,9 @@ class Director:
     tenants: TenantSource = field(default_factory=TenantSource)
     #: per-tenant usage series (``epp usage``); None without metrics
     usage: UsageRecorder | None = None
+    #: which response bodies the picker asks Envoy for when Envoy sends none by default
+    #: (``--response-processing``; see ``wants_response_body``)
+    response_processing: str = "auto"
     _series: ModelSeriesCache | None = None
     _served: dict[tuple[str, bool], Any] = field(default_factory=dict)
     _labels: ModelLabels | None = None
@@ -352,6 +355,33 @@ class Director:
                 child.inc()
             if (info.status >= 400 or info.status == 0) and ctx.series is not None:
                 ctx.series.errors(errors.MODEL_SERVER_ERROR).inc()
+
+    def wants_response_body(self, ctx: RequestContext) -> bool:
+        """Whether this response's body must pass through the picker (asked for per response
+        when Envoy sends no response body by default: ``epp envoy-config`` ``auto``).
+
+        ``auto``: only when something needs it: a rewritten model name to restore, or the
+        ``usage`` that token fair share, the per-tenant token series and GIE's token
+        histograms read, which a JSON answer always carries (one body message, whatever its
+        length) and a stream carries only when the client asked for it
+        (``stream_options.include_usage``). A stream without either costs the picker the
+        same whatever its length. ``full``: every successful response; ``none``: never.
+        """
+        mode = self.response_processing
+        if mode == "none" or ctx.request is None:
+            return False
+        info = ctx.response
+        if not 200 <= info.status < 300:
+            return False  # an error answer carries no usage
+        if mode == "full":
+            return True
+        rw = ctx.rewriter
+        if rw is not None and rw.restores:
+            return True
+        if not info.streaming:
+            return True
+        options = ctx.request.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
 
     def conformance_served(self, ctx: RequestContext) -> str | None:
         """``x-conformance-test-served-endpoint`` for this response (conformance hooks on)."""

@@ -55,6 +55,11 @@ class BodyRewriter:
         if self.target_model and self.target_model != self.incoming_model:
             self._patterns = _model_patterns(self.target_model, self.incoming_model)
 
+    @property
+    def restores(self) -> bool:
+        """True when the response carries a model name to put back (the model was rewritten)."""
+        return bool(self._patterns)
+
     def _restore(self, data: bytes) -> bytes:
         for old, new in self._patterns:
             if old in data:

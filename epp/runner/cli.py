@@ -88,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--max-request-body-bytes", type=_size, default=10 * 1024 * 1024,
                      help="larger request bodies are refused with HTTP 413 and a JSON error body "
                           "(bytes, or a size such as 10Mi)")
+    srv.add_argument("--response-processing", choices=("auto", "full", "none"), default="auto",
+                     help="which response bodies pass through the picker when Envoy sends none unless asked "
+                          "(epp envoy-config's default): auto = only when needed (a rewritten model name to "
+                          "restore, usage of a JSON answer or of a stream that asked for it); full = every "
+                          "response; none = never (no usage, no model-name restore). With Envoy sending every "
+                          "body (FULL_DUPLEX_STREAMED, GIE's gateways) every body is processed whatever this says")
     srv.add_argument("--shutdown-grace", type=_duration, default=120.0,
                      help="on SIGTERM: readiness turns NOT_SERVING but new and running streams are "
                           "answered until none is open and none started for 2s, or for at most this "
@@ -226,6 +232,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
         max_request_body_bytes=args.max_request_body_bytes,
+        response_processing=args.response_processing,
         empty_pool_wait=args.empty_pool_wait,
         keda_scaler_port=args.keda_scaler_port,
         metrics_endpoint_auth=metrics_auth,

@@ -75,6 +75,8 @@ class ServeOptions:
     metrics_scrape_timeout: float = 1.0
     disable_endpoint_subset_filter: bool = False
     max_request_body_bytes: int = 10 * 1024 * 1024
+    #: which response bodies to ask Envoy for (``--response-processing``: auto | full | none)
+    response_processing: str = "auto"
     #: SIGTERM: keep answering new and running streams (readiness NOT_SERVING) until idle or
     #: this many seconds (``--shutdown-grace``); streams shorter than it are never cut
     shutdown_grace: float = 120.0
@@ -155,6 +157,7 @@ class PickerServer:
             admission=self._admission.admission,
             parser=bundle.parser,
             max_body_bytes=opts.max_request_body_bytes,
+            response_processing=opts.response_processing,
             disable_subset_filter=opts.disable_endpoint_subset_filter,
             staleness=opts.metrics_staleness_threshold,
             rng=random.Random(opts.seed),
