@@ -17,7 +17,9 @@ The rules (docs/model-sharing.md explains them with their knobs):
   ``scaleWindow``) — or of the requests in flight, if larger: a model whose copies queue
   takes a bigger share of those — in pods' worth, where one copy may take ``copyLoadFactor``
   times an average pod's share; but no more copies than it keeps busy (``minInflightPerCopy``
-  requests in flight each). Rounded up, at most ``maxCopies`` and one per pod. New copies go
+  requests in flight each). Rounded up, at most ``maxCopies`` and one per pod. Up fast (the
+  requests in flight right now count when they show more need: a model that just turned hot
+  queues on its copies at once), down slowly (the averages only). New copies go
   where the least work is expected (each model's rate split over its copies), to a free slot,
   or evicting a copy whose request rate per copy is ``evictionRatio`` times lower than the hot
   model's (and older than ``minChurnAge``). Sized as a share of the pool, the rule gives the
@@ -162,6 +164,23 @@ def copies_needed(model: ModelState, totals: tuple[float, float], capable_pods: 
     return min(share * capable_pods / cfg.copy_load_factor, model.concurrency / cfg.min_inflight_per_copy)
 
 
+def copies_wanted_now(model: ModelState, totals: tuple[float, float], capable_pods: int,
+                      cfg: PlacementConfig) -> int:
+    """Scale up fast, down slowly: the smoothed need, or the need the requests in flight right
+    now show if larger (a model that just turned hot queues on its few copies within seconds,
+    long before its averaged rate catches up). ``totals[1]`` must then be the in-flight total
+    now. Scale-down decisions use the smoothed need only."""
+    now = ModelState(model.name, recent_rate=model.recent_rate, concurrency=max(model.concurrency, model.inflight))
+    smoothed = copies_needed(model, totals, capable_pods, cfg)
+    return _whole(max(smoothed, copies_needed(now, totals, capable_pods, cfg)), capable_pods, cfg)
+
+
+def _whole(need: float, capable_pods: int, cfg: PlacementConfig) -> int:
+    if capable_pods <= 0:
+        return 0
+    return max(1, min(math.ceil(need - 1e-9), capable_pods, cfg.max_copies or capable_pods))
+
+
 def pod_demand(pod: PodView, models: Mapping[str, ModelState], fleet: Fleet) -> float:
     """Requests per second a pod can expect from the adapters it holds (each model's rate split
     evenly over its copies): where a new copy goes, so hot copies do not pile onto one pod."""
@@ -171,10 +190,7 @@ def pod_demand(pod: PodView, models: Mapping[str, ModelState], fleet: Fleet) -> 
 def desired_copies(model: ModelState, totals: tuple[float, float], capable_pods: int, cfg: PlacementConfig,
                    slack: float = 1.0) -> int:
     """Whole copies for ``copies_needed`` x ``slack`` (at least 1, at most one per pod)."""
-    if capable_pods <= 0:
-        return 0
-    want = math.ceil(copies_needed(model, totals, capable_pods, cfg) * slack - 1e-9)
-    return max(1, min(want, capable_pods, cfg.max_copies or capable_pods))
+    return _whole(copies_needed(model, totals, capable_pods, cfg) * slack, capable_pods, cfg)
 
 
 def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str, CatalogueModel],
@@ -199,6 +215,7 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
             leaving.add((m, pod.key))
     capable = sum(1 for p in fleet.pods.values() if p.slots > 0)
     total = (sum(st.recent_rate for st in models.values()), sum(st.concurrency for st in models.values()))
+    total_now = (total[0], sum(max(st.concurrency, st.inflight) for st in models.values()))
     demand_of = {k: pod_demand(p, models, fleet) for k, p in fleet.pods.items() if p.slots > 0}
     limit = cfg.copy_load_factor * sum(demand_of.values()) / max(1, len(demand_of))
     relief = _relief(fleet, models, catalogue, demand_of, limit, owns, capable, cfg)
@@ -212,7 +229,7 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
             st.surplus_since = None
             continue  # loaded nowhere (or only draining): the next request decides
         loading = sum(1 for p in fleet.pods.values() if name in p.loading)
-        want = desired_copies(st, total, capable, cfg)
+        want = copies_wanted_now(st, total_now, capable, cfg)
         if name in relief and loading == 0:
             want = max(want, len(holders) + 1)
         have = len(holders) + loading

@@ -236,3 +236,13 @@ def test_a_pod_that_collected_busy_models_gets_relief_where_the_least_work_is_ex
     # the same models spread over the pods: nothing to relieve
     f = fleet({"p0": ["a1", "a5"], "p1": ["a2"], "p2": ["a3"], "p3": ["a4"]}, slots=2, used=99.0)
     assert [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)] == []
+
+
+def test_a_model_that_just_turned_hot_gets_copies_before_its_averages_catch_up() -> None:
+    """Its averages still say 'rare', but 12 of its requests are in flight right now (they
+    queue on its one copy): copies are added this tick. Down is slow: the averages only."""
+    f = fleet({"p0": ["a1"], "p1": ["a2"], "p2": ["a3"], "p3": ["a4"]}, slots=4, used=99.0)
+    models = demand(a2=0.5, a3=0.5, a4=0.5)
+    models["a1"] = ModelState("a1", inflight=12, concurrency=0.5, recent_rate=0.5, rate=0.5)
+    loads = [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)]
+    assert {a.model for a in loads} == {"a1"} and len(loads) >= 2
