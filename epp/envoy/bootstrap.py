@@ -89,6 +89,10 @@ class EnvoySpec:
     #: Above the picker's ``--max-request-body-bytes`` (10 MiB) so that its JSON 413 answers
     #: bodies just over its own limit.
     request_buffer_bytes: int = 11 * 1024 * 1024
+    #: HTTP/2 streams Envoy puts on one connection to a picker before opening another: with
+    #: ``epp serve --workers N`` the kernel spreads connections (not streams) over the
+    #: workers, so a busy Envoy must open several (the workers advertise the same cap)
+    picker_streams_per_connection: int = 8
     picker_tls: bool = True
     retries: int = 2
     report_served_endpoint: bool = True
@@ -184,7 +188,7 @@ def _pool_cluster(spec: EnvoySpec) -> cluster.Cluster:
 def _picker_cluster(spec: EnvoySpec) -> cluster.Cluster:
     h2 = upstream_http.HttpProtocolOptions(
         explicit_http_config=upstream_http.HttpProtocolOptionsExplicitHttpConfig(
-            http2_protocol_options=core.Http2ProtocolOptions()
+            http2_protocol_options=core.Http2ProtocolOptions(max_concurrent_streams=spec.picker_streams_per_connection)
         )
     )
     c = cluster.Cluster(

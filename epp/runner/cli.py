@@ -94,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "restore, usage of a JSON answer or of a stream that asked for it); full = every "
                           "response; none = never (no usage, no model-name restore). With Envoy sending every "
                           "body (FULL_DUPLEX_STREAMED, GIE's gateways) every body is processed whatever this says")
+    srv.add_argument("--workers", type=int, default=1,
+                     help="picker processes serving the same ports (SO_REUSEPORT), so one pod uses all of "
+                          "its cores; /metrics merges theirs with a worker label (docs/cost.md). Not with "
+                          "--ha-enable-leader-election or --model-placement manage")
+    srv.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     srv.add_argument("--shutdown-grace", type=_duration, default=120.0,
                      help="on SIGTERM: readiness turns NOT_SERVING but new and running streams are "
                           "answered until none is open and none started for 2s, or for at most this "
@@ -290,11 +295,43 @@ def run_async(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
+def _supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: the supervisor (epp.runner.workers) starts N workers with these flags."""
+    from epp.runner.workers import supervise
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if getattr(args, "ha_enable_leader_election", False):
+        raise ConfigError("--workers > 1 cannot be combined with --ha-enable-leader-election")
+    if getattr(args, "model_placement", "off") == "manage":
+        raise ConfigError("--workers > 1 cannot be combined with --model-placement manage")
+    build_discovery(args)  # flag errors now, once, not in every worker
+    auth = args.metrics_endpoint_auth
+    if auth is None:
+        auth = bool(args.pool_name or args.endpoint_selector)
+    return supervise(sys.argv[1:], args.workers, metrics_port=args.metrics_port,
+                     bind_address=args.bind_address, metrics_auth=auth)
+
+
+def _as_worker(options: ServeOptions, index: int) -> None:
+    """A worker of ``--workers``: shared ports, metrics for the supervisor only, one KEDA port."""
+    options.reuse_port = True
+    options.metrics_port = 0
+    options.metrics_bind_address = "127.0.0.1"
+    options.metrics_endpoint_auth = False
+    if index > 0:
+        options.keda_scaler_port = -1
+
+
 def run(args: argparse.Namespace) -> int:
     fmt = "text" if args.zap_encoder == "console" else ("json" if args.zap_encoder else args.log_format)
     setup_logging(args.verbosity or 0, fmt)
     try:
+        if args.workers != 1 and args.worker_index is None:
+            return _supervise(args)
         options = options_from_args(args)
+        if args.worker_index is not None:
+            _as_worker(options, args.worker_index)
         run_async(serve(options))
     except ConfigError as exc:
         print(f"epp serve: {exc}", file=sys.stderr)

@@ -46,6 +46,7 @@ from epp.runner.metrics_http import start_metrics_server
 from epp.runner.placement import build_placement
 from epp.runner.runtime_metrics import register_runtime_metrics
 from epp.runner.tenants import tier_names
+from epp.runner.workers import STREAMS_PER_CONNECTION, report_started
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
@@ -77,6 +78,11 @@ class ServeOptions:
     max_request_body_bytes: int = 10 * 1024 * 1024
     #: which response bodies to ask Envoy for (``--response-processing``: auto | full | none)
     response_processing: str = "auto"
+    #: one of several ``--workers``: bind the gRPC ports with SO_REUSEPORT (and cap streams per
+    #: connection, so a busy Envoy opens connections the kernel spreads over the workers)
+    reuse_port: bool = False
+    #: where /metrics listens when not ``bind_address`` (a worker: 127.0.0.1 for its supervisor)
+    metrics_bind_address: str | None = None
     #: SIGTERM: keep answering new and running streams (readiness NOT_SERVING) until idle or
     #: this many seconds (``--shutdown-grace``); streams shorter than it are never cut
     shutdown_grace: float = 120.0
@@ -176,7 +182,9 @@ class PickerServer:
         for svc in READINESS_SERVICES:
             await self._health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+            options=[("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+                     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                     *([("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)] if opts.reuse_port else [])]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self.bound_ports["health"] = self._grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_health_port}")
@@ -204,7 +212,8 @@ class PickerServer:
                 from epp.runner.auth import load_metrics_auth
 
                 auth = await asyncio.to_thread(load_metrics_auth)
-            self._http, _ = start_metrics_server(self.metrics.registry, opts.metrics_port, opts.bind_address, auth)
+            self._http, _ = start_metrics_server(self.metrics.registry, opts.metrics_port,
+                                                 opts.metrics_bind_address or opts.bind_address, auth)
             self.bound_ports["metrics"] = self._http.server_port
 
         await opts.discovery.start(self.datastore)
@@ -238,6 +247,7 @@ class PickerServer:
         await self.set_ready(self._should_be_ready())
         self._readiness_task = asyncio.get_running_loop().create_task(self._follow_readiness())
         self._started = True
+        report_started(self.bound_ports)  # a --workers worker tells its supervisor its ports
         log.info(
             "picker started",
             extra={

@@ -11,6 +11,7 @@ with the same prefix, even one arriving a microsecond later in a burst, already 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -18,18 +19,37 @@ from operator import attrgetter
 from typing import Self
 
 from pydantic import BaseModel, Field, model_validator
+from xxhash import xxh64_intdigest
 
 from epp.framework.datalayer import Endpoint
 from epp.framework.plugin import Plugin, PluginContext, PluginParams, StateKey
 from epp.framework.requestcontrol import PreRequest
 from epp.framework.scheduling import LLMRequest, SchedulingResult, Scorer
 from epp.plugins.scheduling.prefix_index import PrefixIndex, PrefixIndexConfig, PrefixMatch
+from epp.plugins.scheduling.prefix_sharing import PrefixPeers
 from epp.plugins.scheduling.scoring import scaled
 
 SHARED_KEY: StateKey[_SharedIndex] = StateKey("approx-prefix-cache-index")
 #: profile whose first endpoint also learns the prefix (P/D: the prefill pod holds it too)
 PREFILL_PROFILE = "prefill"
 _KEY = attrgetter("key")
+#: set by ``epp serve --workers N`` in each worker's environment (N): several processes share
+#: one pod's traffic, each with its own index
+WORKER_COUNT_ENV = "EPP_WORKER_COUNT"
+#: coldPrefixAffinity when not configured and the picker runs several workers
+DEFAULT_COLD_AFFINITY = 0.5
+#: the block whose hash places a cold prefix: requests sharing this many blocks (~128
+#: tokens) of prefix go to the same endpoint; shorter prompts use their last block
+ANCHOR_BLOCKS = 8
+_MIX = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+def _workers() -> int:
+    try:
+        return max(1, int(os.environ.get(WORKER_COUNT_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 class PrefixIndexParams(PluginParams):
@@ -42,6 +62,11 @@ class PrefixIndexParams(PluginParams):
     max_prefix_tokens_to_match: int | None = Field(None, gt=0)
     lru_capacity_per_server: int | None = Field(None, gt=0)
     auto_tune: bool | None = None
+    #: score given to one endpoint, chosen by rendezvous hashing of the prefix, when no
+    #: endpoint holds any of the request's blocks (scorer only). Pickers that learn only from
+    #: their own picks (``epp serve --workers``, replicas) then place a new prefix alike.
+    #: Default: 0.5 with several workers, else 0 (off)
+    cold_prefix_affinity: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _deprecated_block_size(self) -> Self:
@@ -53,7 +78,7 @@ class PrefixIndexParams(PluginParams):
         return self
 
     def is_explicit(self) -> bool:
-        return bool(self.model_fields_set)
+        return bool(self.model_fields_set - {"cold_prefix_affinity"})
 
     def to_config(self) -> PrefixIndexConfig:
         d = PrefixIndexConfig()
@@ -71,6 +96,8 @@ class _SharedIndex:
     index: PrefixIndex
     #: set by a plugin that was given parameters (vs created with defaults)
     owner: str | None
+    #: the other workers of ``epp serve --workers`` (None: a single process)
+    peers: PrefixPeers | None = None
 
 
 def shared_index(ctx: PluginContext, params: PrefixIndexParams, plugin_name: str) -> PrefixIndex:
@@ -85,7 +112,8 @@ def shared_index(ctx: PluginContext, params: PrefixIndexParams, plugin_name: str
     if entry is None:
         index = PrefixIndex(config, ctx.metrics)
         ctx.datastore.add_listener(index.on_endpoints_changed)
-        ctx.state.set(SHARED_KEY, _SharedIndex(index, plugin_name if params.is_explicit() else None))
+        ctx.state.set(SHARED_KEY, _SharedIndex(index, plugin_name if params.is_explicit() else None,
+                                               PrefixPeers.from_env(index, ctx.datastore, _workers())))
         return index
     if params.is_explicit():
         if entry.owner is None:
@@ -129,14 +157,49 @@ class PrefixCacheScorer(Scorer, PreRequest):
     #: scores are in [0, 1] and never NaN (the scheduler need not clamp them)
     bounded = True
 
-    def __init__(self, name: str, index: PrefixIndex | None = None) -> None:
+    def __init__(self, name: str, index: PrefixIndex | None = None, cold_affinity: float = 0.0,
+                 peers: PrefixPeers | None = None) -> None:
         super().__init__(name)
         self.index = index if index is not None else PrefixIndex()
+        self.cold_affinity = cold_affinity
+        self.peers = peers
+        self._key_hashes: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, name: str, params: BaseModel, ctx: PluginContext) -> Self:
         assert isinstance(params, PrefixIndexParams)
-        return cls(name, shared_index(ctx, params, name))
+        cold = params.cold_prefix_affinity
+        if cold is None:
+            cold = DEFAULT_COLD_AFFINITY if _workers() > 1 else 0.0
+        index = shared_index(ctx, params, name)
+        entry = ctx.state.get(SHARED_KEY)
+        return cls(name, index, cold, entry.peers if entry is not None else None)
+
+    # Lifecycle: the peers' socket (several workers only)
+    async def start(self) -> None:
+        if self.peers is not None:
+            await self.peers.start()
+
+    async def close(self) -> None:
+        if self.peers is not None:
+            await self.peers.close()
+
+    def _rendezvous(self, anchor: int, endpoints: Sequence[Endpoint]) -> int:
+        """Index of the endpoint rendezvous hashing gives ``anchor`` (highest mixed weight):
+        the same for every picker process, whatever order the endpoints come in."""
+        cache = self._key_hashes
+        if len(cache) > 65_536:
+            cache.clear()
+        best, best_w = 0, -1
+        for i, ep in enumerate(endpoints):
+            kh = cache.get(ep.key)
+            if kh is None:
+                kh = cache[ep.key] = xxh64_intdigest(ep.key.encode())
+            w = ((kh ^ anchor) * _MIX) & _U64
+            w ^= w >> 29
+            if w > best_w:
+                best, best_w = i, w
+        return best
 
     def _state(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> PrefixMatch:
         index = self.index
@@ -152,7 +215,11 @@ class PrefixCacheScorer(Scorer, PreRequest):
         total = len(st.hashes)
         matches = st.matches
         if not total or not matches:
-            return [0.0] * len(endpoints)
+            scores = [0.0] * len(endpoints)
+            if total and self.cold_affinity and endpoints:
+                anchor = st.hashes[min(total, ANCHOR_BLOCKS) - 1]
+                scores[self._rendezvous(anchor, endpoints)] = self.cold_affinity
+            return scores
         n = len(endpoints)
         return scaled(map(matches.get, map(_KEY, endpoints), repeat(0, n)), total, n)
 
@@ -169,12 +236,17 @@ class PrefixCacheScorer(Scorer, PreRequest):
         if not hashes:
             return
         index = self.index
-        index.add(target, hashes, held=st.matches.get(target.key, 0))
+        peers = self.peers
+        skipped = index.add(target, hashes, held=st.matches.get(target.key, 0))
+        if peers is not None and skipped < len(hashes):
+            peers.publish(target, hashes[skipped:])
         prefill = result.profile_results.get(PREFILL_PROFILE)
         if prefill is not None and prefill.target_endpoints:
             pf = prefill.target_endpoints[0]
             if pf is not target:
                 index.add(pf, hashes)
+                if peers is not None:
+                    peers.publish(pf, hashes)
         metrics = index.metrics
         if metrics is not None:
             matched = st.matches.get(target.key, 0)

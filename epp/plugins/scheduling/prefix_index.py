@@ -240,7 +240,7 @@ class PrefixIndex:
             pod = self._pods[key] = self._by_idx[idx] = _Pod(idx, key)
         return pod
 
-    def add(self, ep: Endpoint, hashes: Sequence[int], held: int = 0) -> None:
+    def add(self, ep: Endpoint, hashes: Sequence[int], held: int = 0) -> int:
         """Record that ``ep`` now holds these blocks.
 
         Inserted last-to-first so the first blocks end up most recently used: under pressure
@@ -251,18 +251,22 @@ class PrefixIndex:
         the newer half of the endpoint's LRU the whole run is far from eviction and is not
         refreshed: a hot system prompt then costs one lookup per request instead of one
         update per block. Eviction stays exact for everything else.
+
+        Returns how many leading blocks were skipped that way (0: all were learned).
         """
         if not hashes:
-            return
+            return 0
         pod = self._pod(ep.key)
         idx = pod.idx
         log = pod.log
+        skipped = 0
         if held > 0:
             seq = self._seq_of(hashes[0], idx)
             if seq is not None and pod.base + len(log) - seq <= self.capacity(ep) // 2:
+                skipped = min(held, len(hashes))
                 hashes = hashes[held:]
                 if not hashes:
-                    return
+                    return skipped
         if (self._used + len(hashes)) * 4 > (self._mask + 1) * 3:  # room for all, one resize
             cap = self._mask + 1
             while (self._used + len(hashes)) * 4 > cap * 3:
@@ -317,6 +321,7 @@ class PrefixIndex:
             pod.head = 0
         if self.metrics is not None:
             self.metrics.prefix_indexer_size.set(self._size)
+        return skipped
 
     def _learn(self, h: int, idx: int, seq: int) -> bool:
         """Set (h, idx)'s seq; True when the entry is new."""
