@@ -173,7 +173,9 @@ class SimPool:
     async def close(self) -> None:
         await self.stop()
         if self._ctx is not None:
-            self._ctx.term()
+            # destroy(linger=0), not term(): term() waits forever for any socket still open or
+            # holding unsent messages (a pod stopped mid-publish, a test's relay)
+            self._ctx.destroy(linger=0)
             self._ctx = None
 
     async def __aenter__(self) -> SimPool:
