@@ -61,19 +61,26 @@ class Scenario:
     response_processing: str | None = None
     picker_args: tuple[str, ...] = ()
     tls: bool = False
+    #: run epp from this source tree (``--before-tree``: the code before a change)
+    tree: str | None = None
 
 
 #: what ``--scenarios`` may name
 KNOWN: dict[str, Scenario] = {
     "direct": Scenario("direct", "direct"),
-    "noop": Scenario("noop", "noop"),
+    "noop": Scenario("noop", "noop", response_processing="full"),
     "noop-none": Scenario("noop-none", "noop", response_processing="none"),
+    # epp auto's message pattern: BUFFERED request, the body of JSON answers asked for
+    "noop-auto": Scenario("noop-auto", "noop", response_processing="auto", picker_args=("--ask-json-body",)),
     "epp": Scenario("epp", "epp"),
     "epp-full": Scenario("epp-full", "epp", response_processing="full"),
     "epp-auto": Scenario("epp-auto", "epp", response_processing="auto"),
     "epp-none": Scenario("epp-none", "epp", response_processing="none"),
     "epp-tls": Scenario("epp-tls", "epp", tls=True),
     "epp-w2": Scenario("epp-w2", "epp", picker_args=("--workers", "2")),
+    "epp-full-w2": Scenario("epp-full-w2", "epp", response_processing="full", picker_args=("--workers", "2")),
+    # epp from --before-tree, with the Envoy config it shipped with (FULL_DUPLEX both ways)
+    "epp-before": Scenario("epp-before", "epp", response_processing="full"),
 }
 
 
@@ -246,13 +253,20 @@ def start(topo: Topology, sc: Scenario, pool: list[tuple[str, int]], ports: list
             here = Path(__file__).parent
             picker = topo.start(
                 sc.name, [sys.executable, str(here / "noop_extproc.py"), "--port", str(gp),
-                          "--endpoints", ",".join(f"{h}:{p}" for h, p in pool)],
+                          "--endpoints", ",".join(f"{h}:{p}" for h, p in pool), *sc.picker_args],
                 ready=lambda: tcp_open(HOST, gp))
+        elif sc.tree is not None:  # an older epp: the same flags it had
+            boot = f"import sys; sys.path.insert(0, {sc.tree!r}); from epp.cli import main; sys.exit(main())"
+            picker = topo.start(
+                sc.name, [sys.executable, "-c", boot, "serve", "--grpc-port", str(gp), "--grpc-health-port", str(hp),
+                          "--metrics-port", str(mp), "--bind-address", HOST, f"--secure-serving={str(sc.tls).lower()}",
+                          "--endpoints", ",".join(f"{h}:{p}" for h, p in pool), "--log-format", "text"],
+                ready=lambda: grpc_serving(HOST, hp), timeout=60)
         else:
             extra = ["--log-format", "text", *sc.picker_args]
             if sc.response_processing:
                 extra += ["--response-processing", sc.response_processing]
-            picker = topo.start_picker(pool, gp, hp, mp, secure=sc.tls, extra=extra, name=sc.name)
+            picker = topo.start_picker(pool, gp, hp, mp, secure=sc.tls, extra=extra, name=sc.name, timeout=60)
             if not grpc_serving(HOST, hp):
                 raise RuntimeError(f"{sc.name}: picker not ready")
         spec = EnvoySpec(pool=pool, pickers=[(HOST, gp)], listen=(HOST, listen), admin=(HOST, admin),
@@ -322,6 +336,11 @@ def requests_for(tokens: int, base: int) -> int:
 
 def run(args: argparse.Namespace) -> tuple[list[CpuPoint], list[LoadPoint]]:
     scenarios = [KNOWN[s] for s in args.scenarios]
+    if "epp-before" in args.scenarios:
+        if not args.before_tree:
+            raise SystemExit("scenario epp-before needs --before-tree DIR (e.g. a `git archive` of the old commit)")
+        scenarios = [Scenario(s.name, s.kind, s.response_processing, s.picker_args, s.tls, args.before_tree)
+                     if s.name == "epp-before" else s for s in scenarios]
     workdir = Path(tempfile.mkdtemp(prefix="epp-overhead-"))
     cpu: list[CpuPoint] = []
     load: list[LoadPoint] = []
@@ -417,13 +436,17 @@ def load_table(load: list[LoadPoint], scenarios: list[str]) -> str:
                 rows.append(f"| {s} | {mode} | {_f(_median([p.rps for p in pts]))} | "
                             f"{_f(_median([p.p50_ms for p in pts]), 2)} | {_f(_median([p.p99_ms for p in pts]), 2)} | "
                             f"{sum(p.errors for p in pts)} |")
-    noop = [p for p in load if p.scenario == "noop" and p.mode == "throughput"]
     for s in scenarios:
         if s.startswith("epp"):
+            # the do-nothing processor with the same message pattern: FULL_DUPLEX for full
+            # (and the old picker), BUFFERED request / no response body for auto and none
+            base = {"epp-before": "noop", "epp-full": "noop", "epp-full-w2": "noop", "epp-tls": "noop",
+                    "epp-none": "noop-none"}.get(s, "noop-auto")
+            noop = [p for p in load if p.scenario == base and p.mode == "throughput"]
             mine = [p for p in load if p.scenario == s and p.mode == "throughput"]
             rs = [m.rps / n.rps for m in mine for n in noop if n.rep == m.rep and n.rps > 0]
             if rs:
-                rows.append(f"\n{s} / noop throughput, median of repetitions: {_f(_median(list(rs)) * 100)} % "
+                rows.append(f"\n{s} / {base} throughput, median of repetitions: {_f(_median(list(rs)) * 100)} % "
                             "(goal ≥ 90 %)")
     return "\n".join(rows)
 
@@ -443,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--port-base", type=int, default=0,
                     help="first of 4 + 5 x scenarios consecutive ports (default: a random free block)")
+    ap.add_argument("--before-tree", help="source tree of the epp that scenario epp-before runs")
     ap.add_argument("--json", help="write every point here")
     args = ap.parse_args(argv)
     cpu, load = run(args)

@@ -91,7 +91,7 @@ class EnvoySpec:
     request_buffer_bytes: int = 11 * 1024 * 1024
     #: HTTP/2 streams Envoy puts on one connection to a picker before opening another: with
     #: ``epp serve --workers N`` the kernel spreads connections (not streams) over the
-    #: workers, so a busy Envoy must open several (the workers advertise the same cap)
+    #: workers, so a busy Envoy must open several
     picker_streams_per_connection: int = 8
     picker_tls: bool = True
     retries: int = 2

@@ -46,7 +46,7 @@ from epp.runner.metrics_http import start_metrics_server
 from epp.runner.placement import build_placement
 from epp.runner.runtime_metrics import register_runtime_metrics
 from epp.runner.tenants import tier_names
-from epp.runner.workers import STREAMS_PER_CONNECTION, report_started
+from epp.runner.workers import report_started
 
 if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
@@ -78,8 +78,7 @@ class ServeOptions:
     max_request_body_bytes: int = 10 * 1024 * 1024
     #: which response bodies to ask Envoy for (``--response-processing``: auto | full | none)
     response_processing: str = "auto"
-    #: one of several ``--workers``: bind the gRPC ports with SO_REUSEPORT (and cap streams per
-    #: connection, so a busy Envoy opens connections the kernel spreads over the workers)
+    #: one of several ``--workers``: bind the gRPC ports with SO_REUSEPORT
     reuse_port: bool = False
     #: where /metrics listens when not ``bind_address`` (a worker: 127.0.0.1 for its supervisor)
     metrics_bind_address: str | None = None
@@ -183,8 +182,7 @@ class PickerServer:
             await self._health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 1 if opts.reuse_port else 0),
-                     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                     *([("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)] if opts.reuse_port else [])]
+                     ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self.bound_ports["health"] = self._grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_health_port}")

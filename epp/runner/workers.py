@@ -11,8 +11,10 @@ stops the rest, so the pod restarts whole (what Kubernetes expects of one contai
   kernel spreads *connections* over them. Envoy multiplexes streams over few HTTP/2
   connections (one per Envoy worker thread by default), so workers share the load only when
   Envoy opens several: ``epp envoy-config`` caps streams per connection to the picker
-  (``max_concurrent_streams``), and each worker advertises the same cap, so a busy Envoy
-  opens more connections and the kernel hashes them over the workers.
+  (``max_concurrent_streams`` 8), so a busy Envoy opens more connections and the kernel
+  hashes them over the workers. (The workers do not refuse streams over a cap of their own:
+  Envoy does not retry a refused ext_proc stream, the request would fail.) A gateway whose
+  ext_proc connections are few (one per Envoy thread, not capped) spreads less evenly.
 * **Consistent routing**: each worker has its own approximate prefix index, and tells the
   others what it learns (``epp.plugins.scheduling.prefix_sharing``: a datagram per routed
   request over Unix sockets in the supervisor's directory), so a prefix one worker routed is
@@ -56,9 +58,6 @@ log = logging.getLogger("epp.serve")
 #: environment a worker gets: where to report its bound ports once started (and, in
 #: ``WORKER_COUNT_ENV``, how many workers there are: the prefix scorer's default cold affinity)
 WORKER_REPORT_ENV = "EPP_WORKER_REPORT"
-#: HTTP/2 streams a worker accepts per connection: a busy Envoy opens more connections, which
-#: the kernel spreads over the workers (``epp envoy-config`` sets the same on its side)
-STREAMS_PER_CONNECTION = 8
 
 
 def worker_count() -> int:
