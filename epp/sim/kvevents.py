@@ -59,14 +59,22 @@ class KVEventPublisher:
         pub = self.ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 100000)
-        self.port = _bind(pub, self.host, self.port)
+        try:
+            self.port = _bind(pub, self.host, self.port)
+        except zmq.ZMQError:
+            pub.close(linger=0)  # an unclosed socket would hang the context's term()
+            raise
         self._pub = pub
         self._buffer = deque(maxlen=self.buffer_steps)
         if self.replay_port is not None:
             actx = zmq.asyncio.Context.shadow(self.ctx.underlying)
             router = actx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
-            self.replay_port = _bind(router, self.host, self.replay_port)
+            try:
+                self.replay_port = _bind(router, self.host, self.replay_port)
+            except zmq.ZMQError:
+                router.close(linger=0)
+                raise
             self._router = router
             self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay())
 

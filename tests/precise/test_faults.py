@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+import zmq
 
 from epp.framework.datalayer import Endpoint
 from epp.metrics import EppMetrics
 from epp.plugins.scheduling.precise_prefix_cache import PrecisePrefixCacheScorer
 from epp.sim.config import SimConfig
-from epp.sim.pool import SimPool
+from epp.sim.pool import SimPod, SimPool
 
 from .conftest import eventually, make_scorer
 from .faultkit import Relay, Router, dead_port, endpoint, post
@@ -127,6 +128,19 @@ async def env() -> AsyncIterator[Env]:
                     await r.close()
 
 
+async def restart(pod: SimPod, within: float = 10.0) -> None:
+    """Start the pod again on its ports; ZMQ releases a closed socket's port asynchronously,
+    so the bind is retried until it is free."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await pod.start()
+            return
+        except zmq.ZMQError:
+            assert time.monotonic() < deadline, "the pod's ports were never released"
+            await asyncio.sleep(0.05)
+
+
 def drop_every(env: Env, n: int) -> None:
     for r in env.relays:
         r.drop_every = n
@@ -208,7 +222,7 @@ async def test_pod_restarted_soon_after_start(env: Env) -> None:
     pod = env.pool.pods[0]
     await env.relays[0].kill()
     await pod.stop()
-    await pod.start()  # a fresh engine on the same ports: empty cache, sequence from 0
+    await restart(pod)  # a fresh engine on the same ports: empty cache, sequence from 0
     for _ in range(3):  # its sequence passes the old engine's before the picker hears it again
         await env.traffic(1, direct=True)
     env.relays[0].start()

@@ -3,7 +3,8 @@ resync, engine restart, late start catching up from the replay buffer, purge on 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -108,12 +109,10 @@ async def test_gap_without_replay_resyncs_the_pod() -> None:
     await scorer.start()
     try:
         idx = scorer.index
-        # PUB/SUB joins asynchronously: publish until the first batch arrives
-        assert await eventually(lambda: bool(idx.match(keys(2))) or _resend(pub), within=5)
-        sub = scorer.manager.subscribers[KEY]  # type: ignore[union-attr]
+        await first_batch(pub, lambda: bool(idx.match(keys(2))))
         pub.buffer_only([removed([1])])  # lost: the picker would keep a block the pod evicted
         await pub.send([stored([9], [7, 7, 7, 7], BS)])
-        assert await eventually(lambda: sub.stats.resyncs == 1)
+        assert await eventually(lambda: metrics.kv_events_resyncs.labels("gap")._value.get() == 1)
         assert idx.match(keys(2)) == {}  # the stale blocks are gone; the new batch is applied
         assert idx.match(block_keys([7, 7, 7, 7], BS)) == {KEY: 1.0}
         assert metrics.kv_events_resyncs.labels("gap")._value.get() == 1
@@ -124,13 +123,15 @@ async def test_gap_without_replay_resyncs_the_pod() -> None:
 
 
 
-def _resend(pub: FakePublisher) -> bool:
-    """Synchronous helper for ``eventually``: queue one more first batch (seq restarts at 0)."""
-    import asyncio
-
-    pub.restart()
-    asyncio.get_running_loop().create_task(pub.send([stored([1, 2], T[:8], BS)]))
-    return False
+async def first_batch(pub: FakePublisher, arrived: Callable[[], bool], within: float = 5.0) -> None:
+    """PUB/SUB joins asynchronously (a batch published before is dropped): publish the first
+    batch (sequence 0) again until it arrives."""
+    deadline = time.monotonic() + within
+    while not arrived():
+        assert time.monotonic() < deadline, "the subscriber never received a batch"
+        pub.restart()
+        await pub.send([stored([1, 2], T[:8], BS)])
+        await eventually(arrived, within=0.2)
 
 
 async def test_engine_restart_drops_the_old_view(pub: FakePublisher) -> None:
