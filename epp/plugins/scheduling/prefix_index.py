@@ -184,13 +184,26 @@ class PrefixIndex:
         endpoints still matching are a bitmask, so a block costs a table probe and an AND
         whether one endpoint holds it or a hundred.
         """
-        get = self._get
+        keys, vals, mask = self._keys, self._vals, self._mask
         multi_mask = self._multi_mask
         counts: dict[int, int] = {}
         alive = 0
         n = 0
+        v: int | None
         for h in hashes:
-            v = get(h)
+            if h:  # the table probe, inlined (this loop runs for every block of every request)
+                i = h & mask
+                while True:
+                    k = keys[i]
+                    if k == h:
+                        v = vals[i]
+                        break
+                    if k == 0:
+                        v = None
+                        break
+                    i = (i + 1) & mask
+            else:
+                v = self._zero
             if v is None:
                 break
             m = 1 << (v & _IDX_MASK) if v >= 0 else multi_mask[-v - 1]
