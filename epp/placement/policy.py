@@ -276,7 +276,10 @@ def _relief(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[s
             continue
         best: tuple[float, str] | None = None
         for m in fleet.pods[key].adapters:
-            if owns(m) and loadable(m, catalogue) and fleet.copies(m) < cap:
+            st = models.get(m)
+            busy = 0.0 if st is None else max(st.concurrency, st.inflight) / cfg.min_inflight_per_copy
+            # only a model with the work to keep one more copy busy (never for a trickle)
+            if owns(m) and loadable(m, catalogue) and fleet.copies(m) < min(cap, busy):
                 cand = (per_copy_rate(m, models, fleet), m)
                 if best is None or cand > best:
                     best = cand

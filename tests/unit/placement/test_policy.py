@@ -230,7 +230,7 @@ def test_a_pod_that_collected_busy_models_gets_relief_where_the_least_work_is_ex
     """a1 and a2 each need one copy by their share, but both landed on p0, which now expects
     twice the average pod's work: the busier of them gets a second copy on the quietest pod."""
     f = fleet({"p0": ["a1", "a2"], "p1": ["a3"], "p2": ["a4"], "p3": ["a5"]}, slots=2, used=99.0)
-    models = demand(a1=1.6, a2=1.4, a3=1.0, a4=1.0, a5=0.3)
+    models = demand(a1=6.4, a2=5.6, a3=4.0, a4=4.0, a5=1.2)
     loads = [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)]
     assert loads == [Load("a1", "p3", SCALE_UP)]
     # the same models spread over the pods: nothing to relieve
@@ -246,3 +246,11 @@ def test_a_model_that_just_turned_hot_gets_copies_before_its_averages_catch_up()
     models["a1"] = ModelState("a1", inflight=12, concurrency=0.5, recent_rate=0.5, rate=0.5)
     loads = [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)]
     assert {a.model for a in loads} == {"a1"} and len(loads) >= 2
+
+
+def test_a_trickle_gets_no_extra_copy_however_lopsided_the_pods_look() -> None:
+    """One adapter on one of two pods is 'all the expected work' of that pod, but with a
+    request now and then it keeps no second copy busy."""
+    f = fleet({"p0": ["a1"], "p1": []}, slots=2, used=99.0)
+    models = {"a1": ModelState("a1", inflight=1, concurrency=0.2, recent_rate=0.2, rate=0.2)}
+    assert [a for a in plan(f, models, CATALOGUE, CFG, 100.0, always) if isinstance(a, Load)] == []
