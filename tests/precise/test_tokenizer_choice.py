@@ -3,6 +3,7 @@ when its tokens are not the engine's."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,18 @@ async def test_a_tokenizer_that_is_not_the_engines_is_reported(which: str, hf_di
         eps = [endpoint(pool.pods[0], relay)]
         scorer, _, metrics = make_scorer(eps, blockSizeTokens=16,
                                          tokenizer="builtin" if which == "builtin" else str(hf_dir))
-        scorer.check_delay = 0.2
+        scorer.check_delay = 60.0  # settled below, once the engine's events are in
         await scorer.start()
         try:
             router = Router(scorer, pool, eps)
             for i in range(4):
                 await router.send(session, f"Document {i}: " + " ".join(f"word{j}" for j in range(80)))
+            engine = pool.pods[0].engine
+            assert engine is not None
+            assert await eventually(lambda: scorer.index.engine_hashes(eps[0].key) == engine.kv.published_hashes())
+            scorer.settle_checks(now=time.monotonic() + 120)
             expected = "match" if which == "builtin" else "mismatch"
-            assert await eventually(lambda: scorer.settle_checks() and scorer.checks[expected] == 4)
+            assert scorer.checks[expected] == 4
             assert metrics.precise_tokenizer_checks.labels(expected)._value.get() == 4
         finally:
             await scorer.close()
