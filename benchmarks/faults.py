@@ -91,6 +91,9 @@ class Load:
         rec.end = time.monotonic() - self.t0
 
     async def run(self, until: asyncio.Event) -> None:
+        if self.rate <= 0:  # idle: the picker only scrapes its pods
+            await until.wait()
+            return
         tasks: set[asyncio.Task[None]] = set()
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn) as s:
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     rr.add_argument("--max-tokens", type=int, default=400, help="400 tokens ≈ 5 s at the sim's 12 ms/token")
     sk = sub.add_parser("soak", help="steady mixed load; sample RSS, fds, threads, tasks")
     sk.add_argument("--pods", type=int, default=4)
-    sk.add_argument("--rate", type=float, default=10.0)
+    sk.add_argument("--rate", type=float, default=10.0, help="0: no load (an idle picker scraping its pods)")
     sk.add_argument("--duration", type=float, default=1800.0, help="seconds (the issue asks for 30 min)")
     sk.add_argument("--sample", type=float, default=10.0)
     sk.add_argument("--warmup", type=float, default=120.0, help="samples before this are not judged")
