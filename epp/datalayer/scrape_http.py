@@ -110,18 +110,18 @@ class _Response:
         self.body_at = end + 4
         return True
 
-    def body(self, buf: bytearray, eof: bool) -> tuple[bytes, int] | None:
+    def body(self, buf: bytearray, eof: bool) -> tuple[bytes | bytearray, int] | None:
         """(body, bytes consumed) once the body is complete, else None."""
         at = self.body_at
         if self.chunked:
             return _dechunk(buf, at)
         if self.length >= 0:
             if len(buf) - at >= self.length:
-                return bytes(buf[at: at + self.length]), at + self.length
+                return buf[at: at + self.length], at + self.length
             return None
         if eof:  # no framing: the body runs to the end of the connection
             self.close = True
-            return bytes(buf[at:]), len(buf)
+            return buf[at:], len(buf)
         if len(buf) - at > MAX_BODY:
             raise HttpError("response body too large")
         return None
@@ -161,7 +161,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.waiter: asyncio.Future[tuple[int, bytes | bytearray]] | None = None
         self.response: _Response | None = None
         self.eof = False
 
@@ -211,7 +211,7 @@ class Connection:
         self._ssl = _ssl_context(verify_tls) if target.tls else None
         self._proto: _Protocol | None = None
 
-    async def get(self) -> tuple[int, bytes]:
+    async def get(self) -> tuple[int, bytes | bytearray]:
         """(status, body) of one GET. Raises HttpError / OSError / TimeoutError (the caller
         bounds the time); the connection is dropped after any failure."""
         p = self._proto

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.metric_mapping import ENGINE_TYPE_LABEL
-from epp.datalayer.scraper import MetricsScraper
+from epp.datalayer.scraper import ABSENT_RECHECK, MetricsScraper
 from epp.framework.datalayer import Endpoint
 from epp.metrics import EppMetrics
 from epp.plugins.datalayer.core_metrics_extractor import CoreMetricsExtractor
@@ -282,8 +282,11 @@ async def test_missing_family_logged_once(pods: Callable[[], Awaitable[FakePod]]
         assert len(msgs) == 1
         assert set(msgs[0].missing) == {"vllm:kv_cache_usage_perc"}  # type: ignore[attr-defined]
         pod.text = SAMPLE
-        assert await scraper.scrape_once(ep)
+        # an absent family is looked for again every ABSENT_RECHECK scrapes (~1 s at 50 ms)
+        for _ in range(ABSENT_RECHECK):
+            assert await scraper.scrape_once(ep)
         assert any(r.getMessage() == "metric families present again" for r in caplog.records)
+        assert ep.metrics.kv_cache_usage == 0.851063829787234
     finally:
         await scraper.stop()
 
@@ -341,3 +344,26 @@ def test_scraping_does_not_need_the_callers_loop() -> None:
         loop.close()
         server.shutdown()
         server.server_close()
+
+
+def test_only_the_wanted_families_reach_the_parser_wherever_they_move() -> None:
+    """The scraper hands the parser only the families it reads, found where they were on
+    the pod's previous page: a family at the top of the page, a longer name sharing the
+    prefix before it, a page whose layout changed, a family that disappears."""
+    from epp.datalayer.metrics_parser import parse_metrics
+    from epp.datalayer.scraper import _LineFinder
+
+    finder = _LineFinder.for_names(("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"))
+    page = (b'vllm:num_requests_waiting{engine="0"} 3\n'
+            b'vllm:num_requests_waiting{engine="1"} 4\n'
+            b"# TYPE other gauge\nother 1\n"
+            b'vllm:kv_cache_usage_perc{engine="0"} 0.5\n')
+    assert finder.lines(page) == ('vllm:num_requests_waiting{engine="0"} 3\nvllm:num_requests_waiting{engine="1"} 4\n'
+                                  'vllm:kv_cache_usage_perc{engine="0"} 0.5')
+    moved = (b"# a much longer preamble " * 100 + b"\n" + b'vllm:num_requests_waiting_by_reason{r="x"} 9\n'
+             b'vllm:kv_cache_usage_perc{engine="0"} 0.25\nvllm:num_requests_waiting 5\n')
+    lines = finder.lines(moved)
+    assert lines == 'vllm:num_requests_waiting 5\nvllm:kv_cache_usage_perc{engine="0"} 0.25'
+    m, _ = parse_metrics(lines)
+    assert (m.waiting_queue_size, m.kv_cache_usage) == (5, 0.25)
+    assert finder.lines(b"vllm:num_requests_waiting 1\n") == "vllm:num_requests_waiting 1"
