@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[test,bench]'
+	@# xds-protos ships a 2019 copy of opentelemetry/proto/* over the same files as
+	@# opentelemetry-proto; whichever pip installs last wins. Put the real one back.
+	$(PIP) install --no-deps --force-reinstall "opentelemetry-proto==$$($(PY) -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
+	$(PY) -c 'from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope'
 	@touch $@
 
 venv: $(STAMP)

@@ -70,7 +70,30 @@ def _exporter(name: str) -> Any:
                 else "")
         raise ConfigError(f"OTEL_TRACES_EXPORTER: no trace exporter named {name!r}{hint}; "
                           f"available: {', '.join(available)}")
-    return next(iter(found)).load()()
+    try:
+        factory = next(iter(found)).load()
+    except ImportError as exc:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: the {name!r} exporter cannot be imported: {exc}"
+                          f"{_shadowed_proto_hint()}") from None
+    return factory()
+
+
+def _shadowed_proto_hint() -> str:
+    """Why an installed OTLP exporter fails to import, when it is the known clash: xds-protos
+    (Envoy's ext_proc types) ships a 2019 copy of ``opentelemetry/proto/*`` at the same paths as
+    ``opentelemetry-proto``, and whichever pip installed last owns the files."""
+    try:
+        from opentelemetry.proto.common.v1 import common_pb2
+    except ImportError:
+        return ""
+    if hasattr(common_pb2, "InstrumentationScope"):
+        return ""
+    try:
+        version = metadata.version("opentelemetry-proto")
+    except metadata.PackageNotFoundError:
+        version = "<version>"
+    return ("; opentelemetry/proto/ holds xds-protos' old copy, not opentelemetry-proto's: repair the "
+            f"environment with: pip install --no-deps --force-reinstall 'opentelemetry-proto=={version}'")
 
 
 def build_tracer_provider(env: Mapping[str, str]) -> Any:

@@ -66,3 +66,35 @@ def test_epp_serve_refuses_a_bad_exporter_at_start() -> None:
                          env={**env, "OTEL_TRACES_EXPORTER": "jaeger-thrift"})
     assert res.returncode == 2, res.stderr
     assert "OTEL_TRACES_EXPORTER" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_installed_exporter_imports() -> None:
+    """The environment `make test` (and the image) builds has opentelemetry-proto's own
+    modules, not the 2019 copy xds-protos lays over the same paths."""
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    assert hasattr(common_pb2, "InstrumentationScope")
+    provider = build_tracer_provider({"OTEL_TRACES_EXPORTER": "otlp",
+                                      "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    provider.shutdown()
+
+
+def test_a_shadowed_otel_proto_is_a_start_error_that_says_how_to_repair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When xds-protos' old copy owns opentelemetry/proto/, the exporter's import fails; the
+    start-up error says so and gives the pip command that repairs it."""
+    import types
+    from importlib import metadata
+
+    import opentelemetry.proto.common.v1 as common_pkg
+
+    old = types.ModuleType("opentelemetry.proto.common.v1.common_pb2")  # no InstrumentationScope
+    monkeypatch.setitem(sys.modules, "opentelemetry.proto.common.v1.common_pb2", old)
+    monkeypatch.setattr(common_pkg, "common_pb2", old, raising=False)
+    broken = metadata.EntryPoint(name="otlp_proto_grpc", value="epp_no_such_exporter_module:Exporter",
+                                 group="opentelemetry_traces_exporter")
+    monkeypatch.setattr(metadata, "entry_points", lambda **kw: [broken])
+    with pytest.raises(ConfigError) as err:
+        build_tracer_provider({"OTEL_TRACES_EXPORTER": "otlp"})
+    msg = str(err.value)
+    assert "'otlp_proto_grpc' exporter cannot be imported" in msg
+    assert "pip install --no-deps --force-reinstall 'opentelemetry-proto==" in msg
