@@ -16,8 +16,17 @@ Run: ``.venv/bin/python -m benchmarks.model_sharing [--duration 60] [--warmup 20
      adapters reads the adapter from disk again (0.5 s, in the engine step);
    * ``placement``: ``--model-placement manage`` with its defaults: adapters loaded on
      demand, copies sized on demand, LRU eviction;
-   * ``oracle``: the bound no placement can beat on these pods: every adapter resident on
-     every pod (32 slots, 32 in CPU memory), so no request ever waits for an adapter.
+   * ``oracle``: the issue's oracle: the same pods (4 slots each), but it knows the trace's
+     popularity in advance and preloads the best static placement for it before the warm-up
+     (``oracle_plan``: copies per adapter so that no pod is expected above ``--oracle-util``
+     of its capacity, every other adapter one slot while slots remain, bin-packed by rate).
+     An adapter that does not fit is registered on the pod expecting the least work, beyond
+     its 4 slots: its requests read it from disk in the engine step (vLLM's CPU-cache miss),
+     i.e. LoRA affinity with on-demand loads. The picker routes each adapter to the pods that
+     hold it (``--model-placement observe``) and never moves anything;
+   * ``unbounded``: the unbounded-memory bound, which no placement can beat on these pods:
+     every adapter resident on every pod (32 slots, 32 in CPU memory, 8x the adapter memory),
+     so no request ever waits for an adapter.
 
    Reported over the requests sent after ``--warmup``: TTFT p50/p90/p99, goodput under a 1 s
    TTFT SLO, adapter loads per minute and per 100 requests (the pods' own count of adapter
@@ -59,7 +68,7 @@ from epp.local.topology import HOST, Topology, free_port_block
 
 PODS = 8
 SLOTS = 4
-POLICIES = ("static", "affinity", "placement", "oracle")
+POLICIES = ("static", "affinity", "placement", "oracle", "unbounded")
 SIM_BASE = ["--enable-lora"]
 
 
@@ -132,9 +141,51 @@ def disk_reads(pods: list[int]) -> int:
     return sum(int(s["lora_disk_reads"]) for s in sim_stats(pods))
 
 
+# ------------------------------------------------------------------ the oracle's placement
+def oracle_plan(names: list[str], rates: list[float], pods: int, slots: int, capacity: float,
+                util: float) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """The best static placement for known request rates (req/s per adapter, ``capacity`` req/s
+    per pod): ``(resident, overflow)`` adapters per pod index.
+
+    Copies: ceil(rate / (util x capacity)) for each adapter, so that no copy is expected above
+    ``util`` of a pod; the hottest adapters' copies first (without them their pods overflow),
+    then one slot for every other adapter in popularity order while slots remain. Bin-packing:
+    largest per-copy rate first, each to the pod expecting the least work that has a free slot
+    and no copy of it yet. What does not fit goes, one by one, to the pod expecting the least
+    work (served there by the engine's on-demand reads from disk)."""
+    order = sorted(range(len(names)), key=lambda k: -rates[k])
+    budget = pods * slots
+    copies: dict[int, int] = {}
+    for k in order:  # the copies a hot adapter needs come before a rare adapter's one slot
+        need = min(pods, max(1, math.ceil(rates[k] / (util * capacity) - 1e-9)))
+        if need > 1 and need <= budget:
+            copies[k] = need
+            budget -= need
+    for k in order:
+        if k not in copies and budget > 0:
+            copies[k] = 1
+            budget -= 1
+    units = sorted(((rates[k] / n, k) for k, n in copies.items() for _ in range(n)), key=lambda u: (-u[0], u[1]))
+    work = [0.0] * pods
+    resident: dict[int, list[str]] = {i: [] for i in range(pods)}
+    for per_copy, k in units:
+        i = min((i for i in range(pods) if len(resident[i]) < slots and names[k] not in resident[i]),
+                key=lambda i: (work[i], i))
+        resident[i].append(names[k])
+        work[i] += per_copy
+    overflow: dict[int, list[str]] = {i: [] for i in range(pods)}
+    for k in order:
+        if k not in copies:
+            i = min(range(pods), key=lambda i: (work[i], i))
+            overflow[i].append(names[k])
+            work[i] += rates[k]
+    return resident, overflow
+
+
 # ------------------------------------------------------------------ one policy
 async def preload(pods: list[int], plan: dict[int, list[str]], paths: dict[str, str]) -> None:
-    """Static placement: load each pod's adapters through the runtime API before the run."""
+    """Static placements: load each pod's adapters through the runtime API before the run, in
+    order (the last ``--max-loras`` loaded are the ones in the pod's memory)."""
     async def one_pod(port: int, names: list[str]) -> None:
         async with aiohttp.ClientSession() as s:
             for name in names:
@@ -147,12 +198,13 @@ async def preload(pods: list[int], plan: dict[int, list[str]], paths: dict[str, 
 
 def run_policy(policy: str, workdir: Path, names: list[str], paths: dict[str, str], items: list[Item],
                warmup: float, slo: float, load_time: float, sim_args: list[str],
-               watch: list[str] | None = None, placement_config: str | None = None) -> dict[str, Any]:
+               watch: list[str] | None = None, placement_config: str | None = None,
+               oracle: tuple[dict[int, list[str]], dict[int, list[str]]] | None = None) -> dict[str, Any]:
     modules = [f"{n}={paths[n]}" for n in names]
     sim = [*SIM_BASE, "--lora-load-time", str(load_time), *sim_args]
     if policy == "affinity":
         sim += ["--max-loras", str(SLOTS), "--lora-modules", *modules]
-    elif policy == "oracle":
+    elif policy == "unbounded":
         sim += ["--max-loras", str(len(names)), "--max-cpu-loras", str(len(names)), "--lora-modules", *modules]
     else:
         sim += ["--max-loras", str(SLOTS)]
@@ -170,6 +222,13 @@ def run_policy(policy: str, workdir: Path, names: list[str], paths: dict[str, st
         if policy == "static":
             asyncio.run(preload(pods, {i: names[i::PODS] for i in range(PODS)}, paths))
             extra += ["--model-placement", "observe"]
+        elif policy == "oracle":
+            assert oracle is not None, "the oracle needs its plan"
+            resident, overflow = oracle
+            # the overflow first: the resident adapters are loaded last, so they are what the
+            # pod's memory holds when the run starts
+            asyncio.run(preload(pods, {i: overflow[i] + resident[i] for i in range(PODS)}, paths))
+            extra += ["--model-placement", "observe"]
         elif policy == "placement":
             extra += ["--model-placement", "manage"]
             if placement_config:
@@ -181,7 +240,7 @@ def run_policy(policy: str, workdir: Path, names: list[str], paths: dict[str, st
         listen = free_port_block(2)
         topo.start_envoy(EnvoySpec(pool=[(HOST, p) for p in pods], pickers=[(HOST, grpc)], listen=(HOST, listen),
                                    admin=(HOST, listen + 1), access_log=True), name="envoy")
-        if policy in ("static", "placement"):  # the picker has seen every pod's /v1/models
+        if policy in ("static", "oracle", "placement"):  # the picker has seen every pod's /v1/models
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 if metric(scrape(mport), "inference_extension_model_copies", model_name="sim-model") >= PODS:
@@ -228,10 +287,10 @@ async def watch_copies(port: int, models: list[str], out: list[tuple[float, dict
 
 
 def by_label(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, label: str) -> dict[str, float]:
-    out: Counter[str] = Counter()
+    out: dict[str, float] = {}
     for lbl, v in samples.get(name, []):
-        out[lbl.get(label, "")] += v
-    return dict(out)
+        out[lbl.get(label, "")] = out.get(lbl.get(label, ""), 0.0) + v
+    return out
 
 
 def by_adapter(records: list[Record]) -> dict[int, list[float]]:
@@ -284,11 +343,19 @@ def zipf(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     rate = args.load * PODS * args.pod_capacity
     items = stream(names, lambda _t: weights, rate, args.warmup + args.duration, args.seed, args.prompt_words,
                    args.max_tokens)
+    # the oracle knows the whole trace: each adapter's request rate in it
+    counts = Counter(it.group for it in items)
+    span = args.warmup + args.duration
+    plan = oracle_plan(names, [counts[k] / span for k in range(len(names))], PODS, SLOTS, args.pod_capacity,
+                       args.oracle_util)
     out = []
     for policy in args.policies:
         res = run_policy(policy, workdir, names, paths, items, args.warmup, args.slo, args.load_time,
-                         args.sim_args, placement_config=args.placement_config)
+                         args.sim_args, placement_config=args.placement_config,
+                         oracle=plan if policy == "oracle" else None)
         res["offered_rps"] = rate
+        if policy == "oracle":
+            res["oracle_plan"] = {"resident": plan[0], "overflow": plan[1]}
         out.append(res)
         print(row(res), flush=True)
     return out
@@ -344,7 +411,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=20.0, help="zipf: seconds before the measured window")
     ap.add_argument("--load", type=float, default=0.7, help="offered load as a fraction of the pool's capacity")
     ap.add_argument("--pod-capacity", type=float, default=2.0,
-                    help="req/s one simulated pod sustains for this workload (measured with the oracle)")
+                    help="req/s one simulated pod sustains for this workload (measured with every adapter resident)")
+    ap.add_argument("--oracle-util", type=float, default=0.75,
+                    help="oracle: no copy is expected above this fraction of a pod's capacity")
     ap.add_argument("--load-time", type=float, default=0.5, help="seconds to read an adapter from disk")
     ap.add_argument("--slo", type=float, default=1.0, help="TTFT SLO for goodput (seconds)")
     ap.add_argument("--prompt-words", type=int, default=150)
