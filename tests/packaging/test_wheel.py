@@ -84,7 +84,7 @@ def test_the_installed_picker_routes_through_envoy_and_answers_keda(installed: P
             "installed-picker",
             [str(installed / "epp"), "serve", "--endpoints", f"{HOST}:{base},{HOST}:{base + 1}",
              "--grpc-port", str(grpc_port), "--grpc-health-port", str(health), "--metrics-port", str(metrics),
-             "--bind-address", HOST, "--secure-serving=false", "--keda-scaler-port", str(keda)],
+             "--bind-address", HOST, "--keda-scaler-port", str(keda)],  # TLS ext_proc, as deployed
             ready=lambda: grpc_serving(HOST, health) and tcp_open(HOST, keda),
             timeout=60, env={**_clean_env(), "HOME": str(tmp_path)},
         )
