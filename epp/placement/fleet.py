@@ -47,6 +47,10 @@ class PodView:
     slots: int = 0
     #: queue + running + this picker's in flight: the tie-breaker between equal pods
     load: float = 0.0
+    #: requests the pod runs at once when it is full: the most seen running while requests
+    #: waited (its ``max_num_seqs`` or KV-cache bound, learned from its own metrics); 0 = never
+    #: seen full, so not known
+    capacity: int = 0
     #: models with a load (``loading``) or an unload (``unloading``) in flight on this pod
     loading: set[str] = field(default_factory=set)
     unloading: set[str] = field(default_factory=set)
@@ -63,6 +67,13 @@ class PodView:
 
     def serves(self, model: str) -> bool:
         return model in self.adapters or model in self.bases
+
+    def observe_load(self, running: int, waiting: int, inflight: int) -> None:
+        """The pod's scraped gauges and this picker's in-flight count: ``load`` now, and
+        ``capacity`` once the pod has been seen full (requests waiting behind running ones)."""
+        self.load = waiting + running + inflight
+        if waiting > 0 and running > self.capacity:
+            self.capacity = running
 
 
 @dataclass(slots=True)
@@ -140,8 +151,11 @@ class Fleet:
         self.reindex()
         return True
 
-    def observe_active(self, key: str, active: frozenset[str], now: float) -> None:
-        """Adapters the pod's metrics show running or waiting: loaded there, and in use."""
+    def observe_active(self, key: str, active: frozenset[str], now: float, seen: float | None = None) -> None:
+        """Adapters the pod's metrics show running or waiting: loaded there, and in use at ``seen``
+        (when the pod made that report, on our clock; ``now`` when unknown). A report older than
+        this picker's own last use of a copy does not make that copy look more recent (LRU)."""
+        used_at = now if seen is None else min(now, seen)
         pod = self.pods.get(key)
         if pod is None:
             return
@@ -152,8 +166,8 @@ class Fleet:
             if c is None:
                 pod.adapters[m] = Copy(since=now, last_used=now)
                 added = True
-            else:
-                c.last_used = now
+            elif used_at > c.last_used:
+                c.last_used = used_at
         if added:
             self.reindex()
 
@@ -179,6 +193,12 @@ class Fleet:
     # ---- queries
     def copies(self, model: str) -> int:
         return len(self.holders.get(model, ()))
+
+    def capacity(self) -> int:
+        """Requests one pod runs at once, as far as the pods have shown it (0: none has been
+        seen full yet). The largest seen: a pool's pods run one server configuration, and a pod
+        seen full with fewer running was held back by something else (its KV cache, a load)."""
+        return max((p.capacity for p in self.pods.values() if p.slots > 0), default=0)
 
     def reindex(self) -> None:
         """Rebuild ``holders`` / ``routable`` (after any change of copies, draining or unloading)."""

@@ -93,13 +93,14 @@ def _tie(pod: str, model: str) -> int:
 
 def victim(pod: PodView, fleet: Fleet, models: Mapping[str, ModelState],
            catalogue: Mapping[str, CatalogueModel], now: float,
-           min_age: float) -> tuple[float, float, float, str] | None:
-    """The copy on ``pod`` to unload for another one: idle, loaded at least ``min_age`` ago, the
-    least asked for (request rate per copy), the least recently used among equals.
-    Returns (rate per copy, last use, demand per copy, model)."""
+           min_age: float, keep: frozenset[str] = frozenset()) -> tuple[float, float, float, str] | None:
+    """The copy on ``pod`` to unload for another one: idle, loaded at least ``min_age`` ago, not
+    in ``keep``, the least asked for (request rate per copy), the least recently used among
+    equals. Returns (rate per copy, last use, demand per copy, model)."""
     best: tuple[float, float, float, str] | None = None
     for m, c in pod.adapters.items():
-        if not loadable(m, catalogue) or not _idle(pod, m, c) or now - c.since < min_age:
+        if (not loadable(m, catalogue) or not _idle(pod, m, c) or now - c.since < min_age
+                or m in keep):
             continue
         cand = (per_copy_rate(m, models, fleet), c.last_used, per_copy_demand(m, models, fleet), m)
         if best is None or cand < best:
@@ -109,14 +110,16 @@ def victim(pod: PodView, fleet: Fleet, models: Mapping[str, ModelState],
 
 def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                catalogue: Mapping[str, CatalogueModel], cfg: PlacementConfig, now: float, *,
-               cold: bool, exclude: frozenset[str] = frozenset()) -> Load | None:
+               cold: bool, exclude: frozenset[str] = frozenset(),
+               keep: frozenset[str] = frozenset()) -> Load | None:
     """Where a new copy of ``model`` goes (None: nowhere right now).
 
     Free slot first (the pod expecting the least work from the copies it holds, then the least
     loaded right now), else evict an idle copy (``victim``): for a cold miss the least
     asked-for one across pods, for a scale-up one on the pod expecting the least work. For a cold miss any idle
     copy may go, old ones first; for a scale-up only a copy older than ``minChurnAge`` whose
-    demand per copy is ``evictionRatio`` times below the hot model's.
+    demand per copy is ``evictionRatio`` times below the hot model's, and never one of a model
+    in ``keep`` (``protected``: an extra copy must not push out a model still asked for).
     """
     st = models.get(model)
     hot = (st.recent_rate if st is not None else 0.0) / max(1, fleet.copies(model))
@@ -131,7 +134,7 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
                 key = (0, expected, 0.0, pod.load, _tie(pod.key, model))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP)
             else:
-                v = victim(pod, fleet, models, catalogue, now, ages)
+                v = victim(pod, fleet, models, catalogue, now, ages, frozenset() if cold else keep)
                 if v is None or (not cold and v[0] * cfg.eviction_ratio >= hot):
                     continue
                 # cold: the least asked-for copy anywhere (the least likely to be missed);
@@ -148,31 +151,59 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
 
 
 def copies_needed(model: ModelState, totals: tuple[float, float], capable_pods: int,
-                  cfg: PlacementConfig) -> float:
-    """Fractional copies ``model`` needs: its share of the pool's requests (rate) or of its
-    in-flight work (which grows when its copies queue), whichever is larger, in pods' worth at
+                  cfg: PlacementConfig, capacity: int = 0) -> float:
+    """Fractional copies ``model`` needs: its share of the pool's requests in pods' worth at
     ``copyLoadFactor``; capped by the copies its in-flight requests keep busy (module doc).
-    ``totals``: (request rate, in flight) over every model."""
+    ``totals``: (request rate, in flight) over every model.
+
+    ``capacity`` (requests a pod runs at once, learned from the pods' metrics; 0: unknown) adds
+    the copies its requests in flight fill (``concurrency / capacity``: more than one pod's
+    worth only when the model alone keeps its copies full). Unknown, the share of the
+    requests in flight stands in for it (which grows when its copies queue — but also with a
+    burst of arrivals, so it over-copies: each extra copy evicts a rarer model that then
+    misses)."""
     total_rate, total_inflight = totals
     if capable_pods <= 0:
         return 0.0
     share = 0.0
     if total_rate > 0.0:
         share = model.recent_rate / total_rate
-    if total_inflight > 0.0:
+    if capacity <= 0 and total_inflight > 0.0:
         share = max(share, model.concurrency / total_inflight)
-    return min(share * capable_pods / cfg.copy_load_factor, model.concurrency / cfg.min_inflight_per_copy)
+    need = share * capable_pods / cfg.copy_load_factor
+    if capacity > 0:
+        need = max(need, model.concurrency / capacity)
+    return min(need, model.concurrency / cfg.min_inflight_per_copy)
 
 
 def copies_wanted_now(model: ModelState, totals: tuple[float, float], capable_pods: int,
-                      cfg: PlacementConfig) -> int:
+                      cfg: PlacementConfig, capacity: int = 0) -> int:
     """Scale up fast, down slowly: the smoothed need, or the need the requests in flight right
     now show if larger (a model that just turned hot queues on its few copies within seconds,
     long before its averaged rate catches up). ``totals[1]`` must then be the in-flight total
-    now. Scale-down decisions use the smoothed need only."""
+    now. Scale-down decisions use the smoothed need only. With ``capacity`` known, "now" is
+    the copies the requests in flight fill: a burst within what its copies run at once adds
+    nothing."""
     now = ModelState(model.name, recent_rate=model.recent_rate, concurrency=max(model.concurrency, model.inflight))
-    smoothed = copies_needed(model, totals, capable_pods, cfg)
-    return _whole(max(smoothed, copies_needed(now, totals, capable_pods, cfg)), capable_pods, cfg)
+    smoothed = copies_needed(model, totals, capable_pods, cfg, capacity)
+    return _whole(max(smoothed, copies_needed(now, totals, capable_pods, cfg, capacity)), capable_pods, cfg)
+
+
+def overloaded(model: ModelState, copies: int, capacity: int) -> bool:
+    """The model's requests in flight (now or averaged) are more than its copies run at once:
+    its requests queue however the pods are shared. Only then may an extra copy push out the
+    only copy of a model still asked for."""
+    return capacity > 0 and max(model.inflight, model.concurrency) > max(1, copies) * capacity
+
+
+def protected(fleet: Fleet, models: Mapping[str, ModelState], cfg: PlacementConfig, now: float) -> frozenset[str]:
+    """Models whose only copy a scale-up must not evict: asked for within ``demandWindow``.
+    With 32 adapters on 32 slots every extra copy of a hot model pushes one out, and each
+    request for it is then a load (stalling its pod): keep every model with recent demand
+    resident and give extra copies only free slots, copies nobody asks for, or other
+    models' spare copies."""
+    return frozenset(m for m, st in models.items()
+                     if fleet.copies(m) == 1 and now - st.last_request < cfg.demand_window)
 
 
 def _whole(need: float, capable_pods: int, cfg: PlacementConfig) -> int:
@@ -188,9 +219,9 @@ def pod_demand(pod: PodView, models: Mapping[str, ModelState], fleet: Fleet) -> 
 
 
 def desired_copies(model: ModelState, totals: tuple[float, float], capable_pods: int, cfg: PlacementConfig,
-                   slack: float = 1.0) -> int:
+                   slack: float = 1.0, capacity: int = 0) -> int:
     """Whole copies for ``copies_needed`` x ``slack`` (at least 1, at most one per pod)."""
-    return _whole(copies_needed(model, totals, capable_pods, cfg) * slack, capable_pods, cfg)
+    return _whole(copies_needed(model, totals, capable_pods, cfg, capacity) * slack, capable_pods, cfg)
 
 
 def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str, CatalogueModel],
@@ -214,11 +245,13 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
                 continue
             leaving.add((m, pod.key))
     capable = sum(1 for p in fleet.pods.values() if p.slots > 0)
+    capacity = fleet.capacity()
+    keep = protected(fleet, models, cfg, now) if capacity > 0 else frozenset()
     total = (sum(st.recent_rate for st in models.values()), sum(st.concurrency for st in models.values()))
     total_now = (total[0], sum(max(st.concurrency, st.inflight) for st in models.values()))
     demand_of = {k: pod_demand(p, models, fleet) for k, p in fleet.pods.items() if p.slots > 0}
     limit = cfg.copy_load_factor * sum(demand_of.values()) / max(1, len(demand_of))
-    relief = _relief(fleet, models, catalogue, demand_of, limit, owns, capable, cfg)
+    relief = _relief(fleet, models, catalogue, demand_of, limit, owns, capable, cfg, capacity)
     for name, st in models.items():
         if not owns(name) or not loadable(name, catalogue):
             continue
@@ -229,7 +262,7 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
             st.surplus_since = None
             continue  # loaded nowhere (or only draining): the next request decides
         loading = sum(1 for p in fleet.pods.values() if name in p.loading)
-        want = copies_wanted_now(st, total_now, capable, cfg)
+        want = copies_wanted_now(st, total_now, capable, cfg, capacity)
         if name in relief and loading == 0:
             want = max(want, len(holders) + 1)
         have = len(holders) + loading
@@ -241,12 +274,14 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
             chosen: set[str] = set()
             for _ in range(want - have):
                 load = choose_pod(name, fleet, models, catalogue, cfg, now, cold=False,
-                                  exclude=frozenset(chosen))
+                                  exclude=frozenset(chosen),
+                                  keep=frozenset() if overloaded(st, have, capacity) else keep)
                 if load is None:
                     break
                 chosen.add(load.pod)
                 actions.append(load)
-        elif len(holders) > desired_copies(st, total, capable, cfg, SURPLUS_SLACK) and loading == 0 and not draining:
+        elif (len(holders) > desired_copies(st, total, capable, cfg, SURPLUS_SLACK, capacity) and loading == 0
+              and not draining):
             if st.surplus_since is None:
                 st.surplus_since = now
             elif now - st.surplus_since >= cfg.scale_down_delay:
@@ -263,16 +298,21 @@ def plan(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str,
 
 def _relief(fleet: Fleet, models: Mapping[str, ModelState], catalogue: Mapping[str, CatalogueModel],
             demand_of: Mapping[str, float], limit: float, owns: Callable[[str], bool], capable: int,
-            cfg: PlacementConfig) -> set[str]:
+            cfg: PlacementConfig, capacity: int = 0) -> set[str]:
     """Models that get one more copy because a pod holding them expects more than
-    ``copyLoadFactor`` times the average pod's work: on each such pod, the model with the most
-    requests per copy (that may still grow). Copies first land where the demand was unknown
-    (at start every load is a cold miss); this is how a pod that collected several busy models
-    gets relief without moving anything: the scheduler shifts the work to the new copy."""
+    ``copyLoadFactor`` times the average pod's work — and, with the pods' ``capacity`` known,
+    more requests in flight than it runs at once (each model's averaged in flight split over
+    its copies): above the average is no reason for a copy when the pod keeps up.
+    On each such pod, the model with the most requests per copy (that may still grow).
+    Copies first land where the demand was unknown (at start every load is a cold miss); this
+    is how a pod that collected several busy models gets relief without moving anything: the
+    scheduler shifts the work to the new copy."""
     out: set[str] = set()
     cap = min(capable, cfg.max_copies or capable)
     for key, expected in demand_of.items():
         if limit <= 0.0 or expected <= limit:
+            continue
+        if capacity > 0 and sum(per_copy_demand(m, models, fleet) for m in fleet.pods[key].adapters) <= capacity:
             continue
         best: tuple[float, str] | None = None
         for m in fleet.pods[key].adapters:
