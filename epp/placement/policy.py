@@ -25,11 +25,24 @@ The rules (docs/model-sharing.md explains them with their knobs):
   model's (and older than ``minChurnAge``). Sized as a share of the pool, the rule gives the
   same answer on every replica, at any load level, and needs no per-deployment
   requests-per-minute threshold.
+* **Pod capacity** (requests one pod runs at once: the most seen running while requests
+  waited, learned from the pods' own metrics; until a pod was seen full the rules above and
+  below apply as written). Known, it replaces the share of the requests in flight — which
+  a burst of arrivals inflates, adding copies that each push out a rarer model, which then
+  misses — by what a copy can run: a model needs at least ``concurrency / capacity`` copies
+  and, right now, the copies its requests in flight fill. A burst its copies can run adds
+  nothing. And an extra copy never evicts the only copy of a model asked for within
+  ``demandWindow`` (``protected``) unless the hot model is overloaded (more requests in flight
+  than its copies run): with as many slots as adapters, each extra copy costs a load per
+  request of the model it pushed out; extra copies take free slots, copies of models nobody
+  asks for, or other models' spare copies.
 * **Hot pods**: a pod whose expected work (each model's rate split over its copies) exceeds
   ``copyLoadFactor`` times the average pod's gets relief: its busiest model gets one more copy
   where the least work is expected, and the scheduler shifts work to it. (At start every load
   is a cold miss placed before any rate is known; this undoes an unlucky co-location without
-  moving anything.)
+  moving anything.) With the pods' capacity known, only a pod that also expects more
+  requests in flight than it runs at once (each model's averaged in flight split over its
+  copies): above the average is no reason for a copy while the pod keeps up.
 * **Scale down**: a model whose copies exceed what it would need with 25 % more demand (a
   band, so copies do not flap at a boundary) for ``scaleDownDelay``, and whose remaining
   copies' pods would not become hot, loses its least used copy, one per delay. A copy nobody
