@@ -294,6 +294,7 @@ class MetricsParser:
                     best_value, best_labels = v, lbl
             if best_labels is not None:
                 m.max_adapters = _to_int(best_labels.get("max_lora")) or 0
+                m.adapters_at = best_value if math.isfinite(best_value) else 0.0
                 m.active_adapters = _csv_set(best_labels.get("running_lora_adapters", ""))
                 m.waiting_adapters = _csv_set(best_labels.get("waiting_lora_adapters", ""))
         info = series[_CACHE_INFO]

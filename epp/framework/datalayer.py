@@ -68,6 +68,9 @@ class EndpointMetrics:
     active_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     max_adapters: int = 0
+    #: wall-clock time (``time.time()``) of that adapter report: vLLM's ``lora_requests_info``
+    #: value is the time it last set the series, so a stale report is not mistaken for recent use
+    adapters_at: float = 0.0
     cache_block_size: int | None = None  # tokens per KV block (vllm:cache_config_info block_size)
     cache_num_blocks: int | None = None  # vllm:cache_config_info num_gpu_blocks
     updated_at: float = 0.0

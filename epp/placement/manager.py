@@ -356,9 +356,10 @@ class ModelPlacement:
                 continue
             m = ep.metrics
             pod.slots = slots or m.max_adapters
-            pod.load = m.waiting_queue_size + m.running_requests_size + ep.inflight
+            pod.observe_load(m.running_requests_size, m.waiting_queue_size, ep.inflight)
             before = len(pod.adapters)
-            self.fleet.observe_active(ep.key, m.active_adapters | m.waiting_adapters, now)
+            seen = now - max(0.0, time.time() - m.adapters_at) if m.adapters_at > 0 else now
+            self.fleet.observe_active(ep.key, m.active_adapters | m.waiting_adapters, now, seen)
             changed |= len(pod.adapters) != before
         if changed:
             self._wake()
