@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 
 from epp.usage.series import TenantUsage
-from epp.usage.sources import UsageSourceError, query_prometheus, read_picker_metrics
+from epp.usage.sources import Access, UsageSourceError, query_prometheus, read_picker_metrics
 
 COLUMNS = ("tenant", "tier", "requests", "rejected", "prompt_tokens", "cached_tokens", "completion_tokens",
            "tokens", "token_share_pct", "mean_queue_s")
@@ -80,16 +80,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", metavar="NAME", default=None, help="only this InferencePool (inference_pool label)")
     p.add_argument("--csv", action="store_true", help="CSV instead of a table")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    p.add_argument("--bearer-token-file", metavar="PATH", default=None,
+                   help="send this file's token as 'Authorization: Bearer' (a picker started with "
+                        "--metrics-endpoint-auth, a Prometheus behind an auth proxy); in a pod: "
+                        "/var/run/secrets/kubernetes.io/serviceaccount/token")
+    p.add_argument("--ca-file", metavar="PATH", default=None, help="CA bundle to verify an https source")
+    p.add_argument("--insecure-skip-tls-verify", action="store_true",
+                   help="do not verify an https source's certificate")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        access = Access.from_files(args.timeout, args.bearer_token_file, args.ca_file, args.insecure_skip_tls_verify)
         if args.prometheus:
             start, end = period_bounds(args.period, args.at or datetime.now(UTC).date())
-            rows = query_prometheus(args.prometheus, start, end, args.pool, args.timeout)
+            rows = query_prometheus(args.prometheus, start, end, args.pool, access)
             title = f"usage {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC ({args.period})"
         else:
-            rows = read_picker_metrics(args.metrics, args.pool, args.timeout)
+            rows = read_picker_metrics(args.metrics, args.pool, access)
             title = f"usage since the picker at {args.metrics} started"
     except (UsageSourceError, ValueError) as exc:
         print(f"epp usage: {exc}", file=sys.stderr)

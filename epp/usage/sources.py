@@ -10,10 +10,13 @@ whatever the store. A picker's own counters need no store but only cover its upt
 from __future__ import annotations
 
 import math
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,13 +28,55 @@ class UsageSourceError(RuntimeError):
     """The source could not be read; the message says which URL and why."""
 
 
-def _get(url: str, timeout: float) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Access:
+    """How to reach a source: a bearer token (a picker's /metrics behind
+    ``--metrics-endpoint-auth``, a Prometheus behind an auth proxy) and TLS trust for https."""
+
+    timeout: float = 30.0
+    token: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_files(cls, timeout: float, token_file: str | None, ca_file: str | None,
+                   insecure: bool) -> Access:
+        """Reads the token file now, so a missing or empty one is an error naming the flag."""
+        token = None
+        if token_file:
+            try:
+                token = Path(token_file).read_text().strip()
+            except OSError as exc:
+                raise UsageSourceError(f"--bearer-token-file {token_file}: {exc.strerror or exc}") from None
+            if not token:
+                raise UsageSourceError(f"--bearer-token-file {token_file}: the file is empty")
+        if ca_file and not Path(ca_file).is_file():
+            raise UsageSourceError(f"--ca-file {ca_file}: no such file")
+        return cls(timeout, token, ca_file, insecure)
+
+    def context(self) -> ssl.SSLContext | None:
+        if self.insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+
+
+def _get(url: str, access: Access) -> bytes:
+    req = urllib.request.Request(url)
+    if access.token:
+        req.add_header("Authorization", f"Bearer {access.token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=access.timeout, context=access.context()) as resp:
             return bytes(resp.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode(errors="replace")
-        raise UsageSourceError(f"{url}: HTTP {exc.code}: {detail}") from None
+        hint = ""
+        if exc.code in (401, 403):
+            hint = (" (pass a token allowed to read it: --bearer-token-file)" if not access.token
+                    else " (the token was refused)")
+        raise UsageSourceError(f"{url}: HTTP {exc.code}{hint}: {detail}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise UsageSourceError(f"{url}: {exc}") from None
 
@@ -43,7 +88,7 @@ def _selector(pool: str | None) -> str:
 
 
 def query_prometheus(
-    base_url: str, start: datetime, end: datetime, pool: str | None = None, timeout: float = 30.0,
+    base_url: str, start: datetime, end: datetime, pool: str | None = None, access: Access | None = None,
 ) -> dict[tuple[str, str], TenantUsage]:
     """Totals per (tenant, tier) between ``start`` and ``end`` from a Prometheus-compatible API."""
     seconds = max(1, math.ceil((end - start).total_seconds()))
@@ -56,7 +101,7 @@ def query_prometheus(
     rows: dict[tuple[str, str], TenantUsage] = {}
     for name, promql in queries.items():
         params = urllib.parse.urlencode({"query": promql, "time": f"{end.timestamp():.3f}"})
-        raw = _get(f"{base_url.rstrip('/')}/api/v1/query?{params}", timeout)
+        raw = _get(f"{base_url.rstrip('/')}/api/v1/query?{params}", access or Access())
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -76,9 +121,10 @@ def query_prometheus(
     return rows
 
 
-def read_picker_metrics(url: str, pool: str | None = None, timeout: float = 10.0) -> dict[tuple[str, str], TenantUsage]:
+def read_picker_metrics(url: str, pool: str | None = None,
+                        access: Access | None = None) -> dict[tuple[str, str], TenantUsage]:
     """Counters since the picker started, from its /metrics page (one replica's share)."""
-    text = _get(url, timeout).decode(errors="replace")
+    text = _get(url, access or Access(timeout=10.0)).decode(errors="replace")
     rows: dict[tuple[str, str], TenantUsage] = {}
     wanted = {REQUESTS, TOKENS, QUEUE_SECONDS}
     for family in text_string_to_metric_families(text):

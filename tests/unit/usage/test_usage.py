@@ -142,3 +142,65 @@ def test_a_pickers_own_counters(capsys: pytest.CaptureFixture[str]) -> None:
         s.close()
     assert code == 0
     assert out.splitlines()[1:] == ["dept-a,basic,10,2,1000,0,250,1250,100.0,0.500"]
+
+
+class GuardedMetrics:
+    """A picker's /metrics behind bearer auth: 401 without the token, 403 with a wrong one."""
+
+    def __init__(self, token: str, page: bytes) -> None:
+        self.seen: list[str | None] = []
+        guard = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                guard.seen.append(auth)
+                status, body = (200, page) if auth == f"Bearer {token}" else (
+                    (401, b"Unauthorized") if auth is None else (403, b"Forbidden"))
+                self.send_response(status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_pickers_metrics_behind_auth_need_the_token_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = GuardedMetrics("s3cret", PICKER_PAGE)
+    try:
+        code, _, err = _run(["--metrics", srv.url], capsys)
+        assert code == 2 and "HTTP 401" in err and "--bearer-token-file" in err
+        wrong = tmp_path / "wrong"
+        wrong.write_text("nope\n")
+        code, _, err = _run(["--metrics", srv.url, "--bearer-token-file", str(wrong)], capsys)
+        assert code == 2 and "HTTP 403" in err and "refused" in err
+        good = tmp_path / "token"
+        good.write_text("s3cret\n")  # service-account token files end without one; either works
+        code, out, _ = _run(["--metrics", srv.url, "--bearer-token-file", str(good)], capsys)
+        assert code == 0 and "dept-a" in out, out
+        assert srv.seen[-1] == "Bearer s3cret"
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize(("flag", "name", "content", "needle"), [
+    ("--bearer-token-file", "missing", None, "--bearer-token-file"),
+    ("--bearer-token-file", "empty", "\n", "the file is empty"),
+    ("--ca-file", "missing-ca", None, "--ca-file"),
+])
+def test_bad_credential_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, name: str,
+                                        content: str | None, needle: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    code, _, err = _run(["--metrics", "http://127.0.0.1:9/metrics", flag, str(path)], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
