@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,10 @@ async def test_follows_updates_goes_stale_on_death_and_recovers(
         await pod.stop()
         await eventually(lambda: error_count(metrics, ep.key) >= 3)
         frozen = ep.metrics
-        await asyncio.sleep(0.15)
+        # "the metrics did not move" is shown after the collector has demonstrably tried
+        # again: two more failed scrapes were counted after the values were read
+        seen_errors = error_count(metrics, ep.key)
+        await eventually(lambda: error_count(metrics, ep.key) >= seen_errors + 2)
         assert ep.metrics is frozen and ep.metrics.waiting_queue_size == 7
         assert not ep.is_fresh(frozen.updated_at + 10, 2.0)
         failing_logs = [r for r in caplog.records if r.getMessage() == "metrics scrape failing"]
@@ -191,11 +195,15 @@ async def test_http_error_keeps_old_metrics_and_backs_off(pods: Callable[[], Awa
         assert ep.metrics is good
         assert error_count(metrics, ep.key) == 1
 
-        await scraper.start()
+        # the collector keeps retrying the failing pod, but backs off: its n-th attempt
+        # cannot start before the (jittered, >= 0.8x) delays 0.02, 0.04, 0.08, 0.16, 0.2 s
+        # have passed, about 0.4 s; without backoff 6 attempts take ~0.05 s. A lower bound
+        # on elapsed time, so a slow machine cannot fail it.
         pod.requests = 0
-        await asyncio.sleep(0.8)
-        # without backoff this would be ~80 scrapes; with backoff capped at 0.2 s, a handful
-        assert 1 <= pod.requests <= 20
+        started = time.monotonic()
+        await scraper.start()
+        await eventually(lambda: pod.requests >= 6)
+        assert time.monotonic() - started >= 0.8 * (0.02 + 0.04 + 0.08 + 0.16 + 0.2)
         assert ep.metrics is good
     finally:
         await scraper.stop()
@@ -235,10 +243,16 @@ async def test_collectors_follow_the_datastore(pods: Callable[[], Awaitable[Fake
 
         ds.remove_endpoint(ep_a.key)
         await eventually(lambda: scraper.collector_keys() == {ep_b.key})
-        await asyncio.sleep(0.05)
+        # "nobody scrapes a removed endpoint" is checked against b's collector, which keeps
+        # scraping meanwhile: once b has answered a few more scrapes, any request to a that
+        # was in flight at the removal has been served, and afterwards no new one may come
+        # while b answers a few more
+        seen_b = b.requests
+        await eventually(lambda: b.requests >= seen_b + 3)
         seen = a.requests
-        await asyncio.sleep(0.15)
-        assert a.requests == seen  # nobody scrapes a removed endpoint
+        seen_b = b.requests
+        await eventually(lambda: b.requests >= seen_b + 5)
+        assert a.requests == seen
 
         # re-added as a new object with the same key: a fresh collector for the new object
         ep_a2 = a.endpoint("a")
