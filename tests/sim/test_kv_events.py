@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from epp.sim import SimConfig, SimPool
+from epp.sim import SimConfig, SimPod, SimPool
 from epp.sim.kvcache import chain_digests, published_hash
 
 from .conftest import DATA
@@ -30,26 +31,75 @@ def _real_events() -> list[dict[str, Any]]:
     return out
 
 
+PROBE = b"\x00test-probe"
+"""Topic of the test's own marker messages (never a vLLM topic, which starts with ``kv@``)."""
+
+
 class Subscriber:
-    def __init__(self, endpoint: str) -> None:
+    """A plain SUB socket on one sim pod's KV-event stream.
+
+    Two waits are done with marker messages the test sends on the pod's own PUB socket (the
+    sim exposes no public way to send a non-event; a marker leaves the pod's sequence numbers
+    and replay buffer untouched):
+
+    - ``joined``: ZMQ's "slow joiner": a PUB drops everything sent before the subscription
+      has reached it. Markers are sent until one arrives; from then on nothing is lost.
+    - ``drain``: messages on one PUB->SUB connection arrive in order, so once a marker sent
+      *after* a response arrives, every batch the pod published before it has arrived too.
+      That makes "nothing was published" checkable without waiting for a quiet period.
+    """
+
+    def __init__(self, pod: SimPod) -> None:
+        assert pod.publisher is not None and pod.kv_events_endpoint
+        self.pub = pod.publisher._pub
+        assert self.pub is not None
+        self.markers = 0
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(endpoint)
+        self.sock.connect(pod.kv_events_endpoint)
+
+    def _send_marker(self) -> int:
+        self.markers += 1
+        assert self.pub is not None
+        self.pub.send_multipart([PROBE, self.markers.to_bytes(8, "big"), b""])
+        return self.markers
+
+    async def joined(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 (a deadline)
+        """Return once the subscription has reached the pod (a marker came through)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._send_marker()
+            try:
+                frames = await asyncio.wait_for(self.sock.recv_multipart(), 0.05)
+            except TimeoutError:
+                continue
+            assert frames[0] == PROBE, "a batch arrived before the test asked for one"
+            return
+        raise AssertionError(f"the subscriber received no marker within {timeout}s")
 
     async def recv(self, wait: float = 5.0) -> tuple[bytes, int, list[Any]]:
-        frames = await asyncio.wait_for(self.sock.recv_multipart(), wait)
+        """The next batch (markers still in flight from ``joined`` are skipped)."""
+        while True:
+            frames = await asyncio.wait_for(self.sock.recv_multipart(), wait)
+            if frames[0] != PROBE:
+                break
         assert len(frames) == 3
         assert len(frames[1]) == 8
         return frames[0], int.from_bytes(frames[1], "big"), msgpack.unpackb(frames[2])
 
-    async def drain(self, quiet: float = 0.3) -> list[list[Any]]:
-        out = []
+    async def drain(self, wait: float = 5.0) -> list[list[Any]]:
+        """Every batch published up to now (see the class docstring)."""
+        mark = self._send_marker()
+        out: list[list[Any]] = []
         while True:
-            try:
-                out.append((await self.recv(quiet))[2])
-            except TimeoutError:
-                return out
+            frames = await asyncio.wait_for(self.sock.recv_multipart(), wait)
+            if frames[0] == PROBE:
+                if int.from_bytes(frames[1], "big") == mark:
+                    return out
+                continue  # an older marker (from ``joined``)
+            assert len(frames) == 3 and len(frames[1]) == 8
+            out.append(msgpack.unpackb(frames[2]))
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -77,9 +127,9 @@ async def test_stream_shape_and_hashes_match_real_vllm(
     cfg = fast_config.replace(block_size=128)
     async with SimPool(cfg, replicas=1, kv_events_base_port=0) as pool:
         pod = pool.pods[0]
-        sub = Subscriber(pod.kv_events_endpoint or "")
+        sub = Subscriber(pod)
         try:
-            await asyncio.sleep(0.3)  # ZMQ slow joiner
+            await sub.joined()
             prompt = [*ids_512, 7, 8, 9]  # 515 tokens: 4 full blocks
             await _complete(http, pod.url, prompt)
             topic, seq, batch = await sub.recv()
@@ -107,9 +157,9 @@ async def test_decode_blocks_published_with_parent(fast_config: SimConfig, http:
     cfg = fast_config.replace(block_size=16)
     async with SimPool(cfg, replicas=1, kv_events_base_port=0) as pool:
         pod = pool.pods[0]
-        sub = Subscriber(pod.kv_events_endpoint or "")
+        sub = Subscriber(pod)
         try:
-            await asyncio.sleep(0.3)
+            await sub.joined()
             prompt = list(range(1000, 1040))  # 2 full blocks + 8 tokens
             await _complete(http, pod.url, prompt, max_tokens=20)
             events = [e for b in await sub.drain() for e in b[1]]
@@ -129,9 +179,9 @@ async def test_eviction_emits_block_removed_and_reset_clears(
     cfg = fast_config.replace(block_size=16, num_gpu_blocks=20)  # 19 usable blocks
     async with SimPool(cfg, replicas=1, kv_events_base_port=0, kv_replay_base_port=0) as pool:
         pod = pool.pods[0]
-        sub = Subscriber(pod.kv_events_endpoint or "")
+        sub = Subscriber(pod)
         try:
-            await asyncio.sleep(0.3)
+            await sub.joined()
             for i in range(4):  # 8 full blocks each: the 3rd needs evictions
                 await _complete(http, pod.url, [5000 * (i + 1) + j for j in range(128)], max_tokens=1)
             batches = await sub.drain()
