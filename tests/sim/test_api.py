@@ -15,6 +15,7 @@ import pytest
 
 from epp.sim import SimConfig, SimPool
 from epp.sim.cli import fields_without_flags
+from tests.waiting import eventually
 
 
 async def _sse(r: aiohttp.ClientResponse) -> list[bytes]:
@@ -133,7 +134,9 @@ async def test_stop_refuses_connections_and_start_restores(fast_config: SimConfi
         assert pod.name == f"sim-{port}"
         slow = asyncio.create_task(http.post(f"{pod.url}/v1/completions", json={
             "model": "sim-model", "prompt": "x", "max_tokens": 1000}))
-        await asyncio.sleep(0.1)
+        # stop only once the engine is running the request, so it is aborted mid-generation
+        await eventually(lambda: pod.engine is not None and bool(pod.engine.running),
+                         what="the slow request running on the engine")
         await pod.stop()
         try:
             status: int | None = (await slow).status
