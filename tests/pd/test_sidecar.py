@@ -17,6 +17,7 @@ from aiohttp import web
 
 from epp.pd.allowlist import PrefillAllowlist
 from epp.pd.proxy import PDSidecar, SidecarConfig, nixl_prefill_params
+from tests.waiting import eventually
 
 HOST = "127.0.0.1"
 RETURNED = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [1, 2],
@@ -178,9 +179,12 @@ async def test_prefill_4xx_is_returned_to_the_client_as_is(make_rig: Callable[..
 @pytest.mark.parametrize("failure", ["503", "timeout", "unreachable", "no-params"])
 async def test_prefill_failure_falls_back_to_local_decode(make_rig: Callable[..., Any], failure: str) -> None:
     rig = await make_rig(prefill_timeout=0.5)
+    # "timeout": the prefill leg never answers until the test releases it, so only the
+    # sidecar's prefill_timeout can end it (and teardown does not wait for a fixed hang)
+    released = asyncio.Event()
 
     async def slow(body: Any) -> None:
-        await asyncio.sleep(3)
+        await released.wait()
 
     behave: dict[str, Callable[[Any], Any]] = {
         "503": lambda b: web.json_response({"error": "overloaded"}, status=503),
@@ -192,7 +196,10 @@ async def test_prefill_failure_falls_back_to_local_decode(make_rig: Callable[...
         prefiller = f"{HOST}:1"
     else:
         rig.prefill.behave = behave[failure]
-    status, _, body = await rig.post(CHAT, prefiller=prefiller or "")
+    try:
+        status, _, body = await rig.post(CHAT, prefiller=prefiller or "")
+    finally:
+        released.set()
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
     (_, _, dbody), = rig.engine.seen
     assert dbody == CHAT  # the client's original body, decoded (and prefilled) locally
@@ -211,10 +218,7 @@ async def test_allowlist_rejects_a_prefill_target_outside_the_pool(make_rig: Cal
     # The pool grows to include the prefill pod: the sidecar follows the file.
     pool.write_text(yaml.safe_dump({"endpoints": [{"address": HOST, "port": 9},
                                                   {"address": HOST, "port": rig.prefill.port}]}))
-    for _ in range(100):
-        if allow.allows(rig.prefiller):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: allow.allows(rig.prefiller), what="the allowlist to pick up the grown pool file")
     status, _, _ = await rig.post(CHAT)
     assert status == 200 and len(rig.prefill.seen) == 1
 
@@ -248,10 +252,8 @@ async def test_sglang_connector_pairs_both_legs_by_bootstrap_room(make_rig: Call
     rig = await make_rig(connector="sglang", sglang_bootstrap_port=8998)
     status, _, body = await rig.post(CHAT)
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
-    for _ in range(50):
-        if rig.prefill.seen:
-            break
-        await asyncio.sleep(0.02)
+    # sglang's prefill leg runs alongside decode: the client's answer can come first
+    await eventually(lambda: rig.prefill.seen, what="the prefill leg to reach the prefill server")
     pbody, dbody = rig.prefill.seen[0][2], rig.engine.seen[0][2]
     assert pbody["bootstrap_host"] == dbody["bootstrap_host"] == HOST
     assert pbody["bootstrap_port"] == dbody["bootstrap_port"] == 8998
