@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import aiohttp
+import msgpack
 import orjson
 import pytest
+import zmq
+import zmq.asyncio
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.local.topology import HOST, Topology, free_port_block
@@ -52,6 +55,7 @@ class Env:
     def __init__(self, topo: Topology, ports: list[int]) -> None:
         self.topo = topo
         self.ports = ports
+        self.replay_ports: list[int] = []
         self.pickers: list[dict[str, int]] = []
         self.envoys: list[int] = []
 
@@ -64,6 +68,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "--kv-events-replay-port", str(replay), "--block-size", str(BS), "--num-gpu-blocks", "96",
             "--time-scale", "0.01"])
         e = Env(topo, [base, base + 1, base + 2])
+        e.replay_ports = [replay, replay + 1, replay + 2]
         pool = [(HOST, p) for p in e.ports]
         for i in range(2):
             grpc, health, metrics = (free_port_block(3) + j for j in range(3))
@@ -86,17 +91,46 @@ async def post(port: int, prompt: str) -> tuple[int, int]:
         return r.status, int(r.headers.get("x-inference-port", "0"))
 
 
-async def settle(env: Env, name: str = "epp_kv_events_total", labels: dict[str, Any] | None = None) -> None:
-    """Until every picker has applied the same number of events and nothing changes for 0.3 s."""
-    last: list[float] = []
+async def published_events(env: Env) -> Counter[str]:
+    """Events the pods have published so far, by type: the ground truth, read from each pod's
+    own replay socket (a DEALER asks from seq 0 and gets every buffered batch, then the end
+    marker ``[b"", b"", 0xff*8, b""]``)."""
+    counts: Counter[str] = Counter()
+    ctx = zmq.asyncio.Context()
+    try:
+        for port in env.replay_ports:
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(f"tcp://{HOST}:{port}")
+            try:
+                await sock.send_multipart([b"", (0).to_bytes(8, "big")])
+                while True:
+                    frames = await asyncio.wait_for(sock.recv_multipart(), 10)
+                    if frames[2] == b"\xff" * 8:
+                        break
+                    _, events, _ = msgpack.unpackb(frames[3])
+                    counts.update(ev["type"] for ev in events)
+            finally:
+                sock.close(linger=0)
+    finally:
+        ctx.term()
+    return counts
+
+
+async def settle(env: Env) -> None:
+    """Until every picker has applied exactly the events the pods published (by type). The
+    pods publish a request's events before answering it, so after the last answer the target
+    is fixed; waiting for it (rather than for the counters to stop moving for a while) also
+    shows nothing was lost or applied twice."""
+    want = await published_events(env)
+    assert want["BlockStored"] > 0, want
+    got: list[dict[str, float]] = []
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        now = [value(p["metrics"], name, **(labels or {})) for p in env.pickers]
-        if now == last and len(set(now)) == 1 and now[0] > 0:
+        got = [{t: value(p["metrics"], "epp_kv_events_total", type=t) for t in want} for p in env.pickers]
+        if all(g == want for g in got):
             return
-        last = now
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"pickers did not converge on {name}: {last}")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"pickers did not apply the published events {dict(want)}: {got}")
 
 
 def prompt(tag: str, n: int = 40) -> str:
