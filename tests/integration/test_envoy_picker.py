@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from epp.local.topology import HOST
-from tests.promtext import scrape
+from tests.promtext import scrape, value
+from tests.waiting import eventually
 
 from .conftest import Cluster, MetricsStub, wait_until
 
@@ -180,12 +181,22 @@ async def test_pod_whose_metrics_go_stale_stops_receiving_traffic(cluster: Clust
         {"name": "a", "address": HOST, "port": a},
         {"name": "b", "address": HOST, "port": b, "metricsPort": metrics_stub.port},  # scraped from the stub
     ]})
-    picker = cluster.picker(pool=pool, extra=("--metrics-staleness-threshold", "1s"))
+    # the pool gauges are recomputed every 0.1 s, so the picker's own count of endpoints with
+    # fresh metrics (inference_pool_ready_pods) says when b has gone stale
+    picker = cluster.picker(pool=pool, extra=("--metrics-staleness-threshold", "1s",
+                                              "--refresh-prometheus-metrics-interval", "0.1s"))
     port = cluster.envoy(picker, pool=[(HOST, a), (HOST, b)])
+
+    def ready_pods() -> float:
+        return value(picker["metrics"], "inference_pool_ready_pods")
+
+    await eventually(lambda: ready_pods() == 2, what="both endpoints fresh")
     first = await asyncio.gather(*(post(port, chat(f"before {i} " * 30)) for i in range(10)))
     assert b in {int(h["x-inference-port"]) for _, h, _ in first}  # b is a normal member while fresh
     metrics_stub.stop()
-    await asyncio.sleep(1.5)  # past the 1 s staleness threshold
+    # b's last scrape ages past the 1 s threshold; the picker reports it stale (the same
+    # freshness test the scheduler applies, with a clock that only moves forward)
+    await eventually(lambda: ready_pods() == 1, what="the picker to count b's metrics as stale")
     after = [await post(port, chat(f"after {i} " * 30)) for i in range(10)]
     assert {int(h["x-inference-port"]) for _, h, _ in after} == {a}
 
