@@ -8,9 +8,12 @@ The rules (docs/model-sharing.md explains them with their knobs):
 * **Cold miss** (a request for an adapter loaded nowhere): load it on a pod with a free
   adapter slot, the least loaded first; with no free slot anywhere, evict the idle copy whose
   model is asked for least (request rate per copy averaged over ``demandWindow``; among
-  equals the least recently used: plain LRU when nothing is known yet), preferring copies
-  older than ``minChurnAge``. Evicting the least asked-for keeps the misses — and so the
-  loads — to the rarest models, which LRU alone does not under a skewed popularity.
+  equals the least recently used: plain LRU when nothing is known yet), however young
+  (only a copy loaded in the last ``COLD_GRACE`` seconds goes last). Evicting the least
+  asked-for keeps the misses — and so the loads — to the rarest models, which LRU alone does
+  not under a skewed popularity; sparing young copies (``minChurnAge``) would not either: a
+  rare model just loaded for its miss would push the next miss onto an older, more popular
+  copy, and the misses spread over every model.
   A copy with requests in flight, or running/waiting in the pod's metrics,
   is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
 * **Copies follow demand**: a model needs its share of the pool's requests (rate over
@@ -67,6 +70,9 @@ SCALE_UP = "scale_up"
 IDLE = "idle"
 SCALE_DOWN = "scale_down"
 EVICTED = "evicted"
+#: a cold miss evicts the least asked-for idle copy however young, except one loaded this
+#: moment (its held requests may not be routed yet) while any other can go
+COLD_GRACE = 5.0
 #: a copy is surplus only if it would be with this much more demand (no flapping at a boundary)
 SURPLUS_SLACK = 1.25
 
@@ -129,15 +135,16 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
 
     Free slot first (the pod expecting the least work from the copies it holds, then the least
     loaded right now), else evict an idle copy (``victim``): for a cold miss the least
-    asked-for one across pods, for a scale-up one on the pod expecting the least work. For a cold miss any idle
-    copy may go, old ones first; for a scale-up only a copy older than ``minChurnAge`` whose
-    demand per copy is ``evictionRatio`` times below the hot model's, and never one of a model
-    in ``keep`` (``protected``: an extra copy must not push out a model still asked for).
+    asked-for one across pods, for a scale-up one on the pod expecting the least work. For a
+    cold miss any idle copy may go (one loaded in the last ``COLD_GRACE`` seconds only if
+    nothing else can); for a scale-up only a copy older than ``minChurnAge`` whose demand
+    per copy is ``evictionRatio`` times below the hot model's, and never one of a model in
+    ``keep`` (``protected``: an extra copy must not push out a model still asked for).
     """
     st = models.get(model)
     hot = (st.recent_rate if st is not None else 0.0) / max(1, fleet.copies(model))
     best: tuple[tuple[float, ...], Load] | None = None
-    for ages in ((cfg.min_churn_age, 0.0) if cold else (cfg.min_churn_age,)):
+    for ages in ((min(cfg.min_churn_age, COLD_GRACE), 0.0) if cold else (cfg.min_churn_age,)):
         for pod in fleet.pods.values():
             if (pod.slots <= 0 or pod.key in exclude or pod.serves(model) or pod.loading
                     or pod.busy(model)):

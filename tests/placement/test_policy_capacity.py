@@ -137,3 +137,24 @@ def test_a_model_that_just_turned_hot_still_gets_copies_in_one_tick() -> None:
     models["a3"] = model("a3", 0.1, 0.1)
     f = fleet({"p0": ["a1", "a2"], "p1": ["a3", "a4"]}, slots=2, capacity=4)
     assert loads(f, models) == [Load("a1", "p1", SCALE_UP, evict="a3")]
+
+
+def test_a_cold_miss_evicts_the_rarest_copy_even_a_young_one() -> None:
+    """a3 (rare) was loaded 10 s ago for its own miss; a2 is older but asked for 20x more.
+    Sparing a3 for its youth would push the miss onto a2, whose next request misses in turn:
+    misses would spread over every model. Only a copy loaded this moment (a4: its held
+    requests may not be routed yet) goes last."""
+    from epp.placement.fleet import Copy
+    from epp.placement.policy import COLD, choose_pod
+
+    cfg = CFG.model_copy(update={"min_churn_age": 30.0})
+    f = fleet({"p0": ["a1", "a2"], "p1": ["a3", "a4"]}, slots=2, capacity=4)
+    f.pods["p1"].adapters["a3"] = Copy(since=NOW - 10.0, last_used=NOW - 9.0)
+    f.pods["p1"].adapters["a4"] = Copy(since=NOW - 1.0, last_used=NOW - 1.0)
+    models = {"a1": model("a1", 5.0, 0.0), "a2": model("a2", 2.0, 0.0), "a3": model("a3", 0.1, 0.0),
+              "a4": model("a4", 0.05, 0.0)}
+    f.pods["p0"].adapters["a1"].inflight = 1
+    assert choose_pod("a9", f, models, CATALOGUE, cfg, NOW, cold=True) == Load("a9", "p1", COLD, evict="a3")
+    f.pods["p1"].adapters["a3"].inflight = 1
+    f.pods["p0"].adapters["a2"].inflight = 1
+    assert choose_pod("a9", f, models, CATALOGUE, cfg, NOW, cold=True) == Load("a9", "p1", COLD, evict="a4")
