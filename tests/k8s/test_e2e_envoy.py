@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -231,10 +232,7 @@ async def test_model_rewrite_follows_the_api_objects(cluster: K8sCluster) -> Non
         s, _, _ = await post(c.listen, chat("hello", model="alias"))
         return s == 200
 
-    for _ in range(100):
-        if await rewritten():
-            break
-        await asyncio.sleep(0.1)
+    await eventually(rewritten, timeout=15, what="the picker to follow the new InferenceModelRewrite")
     results = await asyncio.gather(*(post(c.listen, chat(f"rewritten {i}", model="alias")) for i in range(5)))
     assert all(s == 200 for s, _, _ in results)
     assert all(orjson.loads(b)["model"] == "alias" for _, _, b in results)  # client's name restored
@@ -243,12 +241,12 @@ async def test_model_rewrite_follows_the_api_objects(cluster: K8sCluster) -> Non
     assert after - before >= 6
 
     c.kube.delete("InferenceModelRewrite", "alias-to-sim")
-    for _ in range(100):
-        status, _, _ = await post(c.listen, chat("bye", model="alias"))
-        if status == 404:
-            break
-        await asyncio.sleep(0.1)
-    assert status == 404
+
+    async def not_rewritten() -> bool:
+        s, _, _ = await post(c.listen, chat("bye", model="alias"))
+        return s == 404
+
+    await eventually(not_rewritten, timeout=15, what="the deleted rewrite to stop applying (404 again)")
 
 
 # ---- (b) InferenceObjective / legacy InferenceModel priority + saturation ----
@@ -263,11 +261,13 @@ async def test_sheddable_objective_gets_429_only_while_the_pool_is_saturated(clu
 
     c.kube.add(pod("busy", HOST, APP, annotations={ACTIVE_PORTS: str(c.busy_port)}))
     shed: tuple[int, dict[str, str], bytes] = (0, {}, b"")
-    for _ in range(100):  # until the picker has seen the pod and scraped its metrics
+
+    async def is_shed() -> bool:  # once the picker has seen the pod and scraped its metrics
+        nonlocal shed
         shed = await post(c.listen, chat("batch job"), {OBJECTIVE_HEADER: "batch"})
-        if shed[0] == 429:
-            break
-        await asyncio.sleep(0.1)
+        return shed[0] == 429
+
+    await eventually(is_shed, timeout=15, what=lambda: f"sheddable work shed by a saturated pool; last {shed}")
     status, headers, body = shed
     assert status == 429 and headers["content-type"] == "application/json", body
     assert orjson.loads(body)["error"]["code"] == 429
@@ -285,12 +285,12 @@ async def test_sheddable_objective_gets_429_only_while_the_pool_is_saturated(clu
     assert status == 200  # an unknown objective is priority 0
 
     c.kube.delete("Pod", "busy")  # pool no longer saturated: sheddable work flows again
-    for _ in range(100):
-        status, _, _ = await post(c.listen, chat("late batch"), {OBJECTIVE_HEADER: "batch"})
-        if status == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert status == 200
+
+    async def admitted() -> bool:
+        s, _, _ = await post(c.listen, chat("late batch"), {OBJECTIVE_HEADER: "batch"})
+        return s == 200
+
+    await eventually(admitted, timeout=15, what="sheddable work admitted once the busy pod is gone")
     status, _, body = await post(c.listen, chat("legacy batch", model="batch-model"))
     assert status == 200 and orjson.loads(body)["model"] == "batch-model"
 
@@ -336,18 +336,28 @@ async def test_api_server_restart_keeps_endpoints_and_watches_resume(cluster: K8
     await until_served_by(c, set(c.sim_ports), "before restart")
     tasks = [asyncio.create_task(traffic()) for _ in range(3)]
     try:
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(statuses) >= 3, what="traffic flowing before the restart")
         ready_while_down: list[bool] = []
+        answered_at_down: list[int] = []
 
         def while_down() -> None:
+            answered_at_down.append(len(statuses))
             ready_while_down.append(grpc_serving(HOST, c.picker_health_port))
 
-        await asyncio.to_thread(c.kube.restart, 2.0, False, while_down)
-        await asyncio.sleep(0.5)
+        await asyncio.to_thread(c.kube.restart, 2.0, False, while_down)  # the outage under test
+        answered_during = len(statuses) - answered_at_down[0]
+        back = time.monotonic()  # the fake API server's request log uses the same clock
+        # keep the traffic going until the picker has re-opened its pod watch on the restarted
+        # server (the moment its view of the pool is rebuilt) and a few requests came after that
+        await eventually(lambda: any("watch=" in r for _, r in c.kube.requests_since(back, "/pods?")),
+                         timeout=15, what="the picker to resume watching pods")
+        answered = len(statuses)
+        await eventually(lambda: len(statuses) >= answered + 3, what="traffic after the watch resumed")
     finally:
         stop.set()
         await asyncio.gather(*tasks)
     assert statuses and set(statuses) == {200}, statuses
+    assert answered_during > 0  # requests were served while the API server was down
     assert ready_while_down == [True]  # the picker stays ready on its last known state
     # the watches resumed: a change made after the restart is followed
     c.kube.set_pod_ready("vllm-0", False)
