@@ -19,6 +19,7 @@ import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_cpu_serve.sh"
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
+    pytest.mark.timeout(420),  # the first test of a module also waits for the server (<= 240 s)
     pytest.mark.skipif(os.environ.get("EPP_VLLM_TESTS") != "1" or not (VENV / "bin" / "vllm").exists()
                        or not (MODEL_DIR / "tokenizer.json").exists(),
                        reason="real-vLLM tier: set EPP_VLLM_TESTS=1 after scripts/vllm_cpu_setup.sh"),
@@ -162,7 +164,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[int, 
             port, kv, replay = free_port_block(3), free_port_block(1), free_port_block(1)
             env = {"KV_BYTES": "4M", "BLOCK_SIZE": "32", "MAX_LEN": "1024", "CPU_CORE": str(i)}
             topo.start(f"vllm-{i}", ["bash", str(SCRIPT), str(port), str(kv), str(replay)],
-                       ready=lambda p=port: http_ok(f"http://{HOST}:{p}/health"), timeout=300, env=env)
+                       ready=partial(http_ok, f"http://{HOST}:{port}/health"), timeout=300, env=env)
             out.append((port, kv, replay))
         yield out
 
@@ -203,6 +205,13 @@ async def _run(fleet: list[tuple[int, int, int]], tag: str, restart: bool) -> fl
                 router.scorer = scorer
                 subs = list(scorer.manager.subscribers.values())  # type: ignore[union-attr]
                 assert await eventually(lambda: all(s.caught_up for s in subs), within=30)
+                # the new picker knows from the replays alone where each group's prefix is (the
+                # tie-break below would otherwise hide an empty index: ties go to the home pod)
+                for g in range(groups):
+                    req = completion(prefixes[g] + " Question 0:", model="tiny-llama")
+                    await scorer.prepare_request(req)
+                    scores = scorer.score(req, eps)
+                    assert scores[g % 2] > scores[1 - g % 2], (g, scores)
             prompt = cached = 0
             end = asyncio.get_running_loop().time() + WINDOW
             while asyncio.get_running_loop().time() < end:
@@ -214,6 +223,7 @@ async def _run(fleet: list[tuple[int, int, int]], tag: str, restart: bool) -> fl
     return cached / prompt if prompt else 0.0
 
 
+@pytest.mark.timeout(720 + 3 * WINDOW)  # two servers start (<= 300 s each), two runs of WINDOW
 async def test_picker_restart_keeps_the_fleet_hit_rate(fleet: list[tuple[int, int, int]]) -> None:
     undisturbed = await _run(fleet, "calm", restart=False)
     restarted = await _run(fleet, "restart", restart=True)
