@@ -52,10 +52,11 @@ _COUNTED: StateKey[ModelState] = StateKey("placement.counted")
 #: the copy a request was routed to
 _ROUTED: StateKey[Copy] = StateKey("placement.routed")
 _NO_VICTIM_RETRY = 0.05
-#: slots of a pod whose ``vllm:lora_requests_info`` has no sample yet: a real vLLM publishes
-#: none until its first request has run, so an idle new pod would never get the load its
-#: first (held) adapter request waits for. vLLM's default ``--max-loras``; the reported
-#: ``max_lora`` replaces it as soon as there is one.
+#: slots of a scraped pod whose ``vllm:lora_requests_info`` has no sample yet: a real vLLM
+#: publishes none until its first request has run, so an idle new pod would never get the load
+#: its first (held) adapter request waits for. vLLM's default ``--max-loras``; the reported
+#: ``max_lora`` replaces it as soon as there is one. Before the first scrape: 0 (wait for it,
+#: or a guess of 1 would evict what the real slots had room for).
 UNREPORTED_SLOTS = 1
 
 
@@ -360,7 +361,7 @@ class ModelPlacement:
             if pod is None:
                 continue
             m = ep.metrics
-            pod.slots = slots or m.max_adapters or (UNREPORTED_SLOTS if m.adapters_at <= 0 else 0)
+            pod.slots = slots or m.max_adapters or (UNREPORTED_SLOTS if m.updated_at > 0 >= m.adapters_at else 0)
             pod.observe_load(m.running_requests_size, m.waiting_queue_size, ep.inflight)
             before = len(pod.adapters)
             seen = now - max(0.0, time.time() - m.adapters_at) if m.adapters_at > 0 else now
