@@ -352,7 +352,8 @@ def zipf(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     for policy in args.policies:
         res = run_policy(policy, workdir, names, paths, items, args.warmup, args.slo, args.load_time,
                          args.sim_args, placement_config=args.placement_config,
-                         oracle=plan if policy == "oracle" else None)
+                         oracle=plan if policy == "oracle" else None,
+                         watch=names[:4] if policy == "placement" else None)  # copies of the head, over time
         res["offered_rps"] = rate
         if policy == "oracle":
             res["oracle_plan"] = {"resident": plan[0], "overflow": plan[1]}
