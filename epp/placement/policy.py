@@ -13,9 +13,7 @@ The rules (docs/model-sharing.md explains them with their knobs):
   asked-for keeps the misses — and so the loads — to the rarest models, which LRU alone does
   not under a skewed popularity; sparing young copies (``minChurnAge``) would not either: a
   rare model just loaded for its miss would push the next miss onto an older, more popular
-  copy, and the misses spread over every model. With the pods' capacity known, a copy of a
-  model holding more copies than its averaged demand needs goes before anything else
-  (``spare_copies``): its model stays served, and it was due to be scaled down anyway.
+  copy, and the misses spread over every model.
   A copy with requests in flight, or running/waiting in the pod's metrics,
   is never evicted: the request waits for one to become idle instead (up to ``holdTimeout``).
 * **Copies follow demand**: a model needs its share of the pool's requests (rate over
@@ -114,35 +112,19 @@ def _tie(pod: str, model: str) -> int:
 
 def victim(pod: PodView, fleet: Fleet, models: Mapping[str, ModelState],
            catalogue: Mapping[str, CatalogueModel], now: float,
-           min_age: float, keep: frozenset[str] = frozenset(),
-           spare: frozenset[str] = frozenset()) -> tuple[float, float, float, str] | None:
+           min_age: float, keep: frozenset[str] = frozenset()) -> tuple[float, float, float, str] | None:
     """The copy on ``pod`` to unload for another one: idle, loaded at least ``min_age`` ago, not
-    in ``keep``; a copy of a model in ``spare`` first, then the least asked for (request rate
-    per copy), the least recently used among equals.
-    Returns (rate per copy, last use, demand per copy, model)."""
-    best: tuple[bool, tuple[float, float, float, str]] | None = None
+    in ``keep``, the least asked for (request rate per copy), the least recently used among
+    equals. Returns (rate per copy, last use, demand per copy, model)."""
+    best: tuple[float, float, float, str] | None = None
     for m, c in pod.adapters.items():
         if (not loadable(m, catalogue) or not _idle(pod, m, c) or now - c.since < min_age
                 or m in keep):
             continue
-        cand = (m not in spare, (per_copy_rate(m, models, fleet), c.last_used, per_copy_demand(m, models, fleet), m))
+        cand = (per_copy_rate(m, models, fleet), c.last_used, per_copy_demand(m, models, fleet), m)
         if best is None or cand < best:
             best = cand
-    return None if best is None else best[1]
-
-
-def spare_copies(fleet: Fleet, models: Mapping[str, ModelState], cfg: PlacementConfig) -> frozenset[str]:
-    """Models holding more copies than their averaged demand needs (with the pods' capacity
-    known; empty until then). A cold miss evicts one of their copies before the only copy of
-    a rarer model: that copy's model stays served, while the rare model pushed out would miss
-    on its next request (a load) — and the copy was due to be scaled down anyway."""
-    capacity = fleet.capacity()
-    if capacity <= 0:
-        return frozenset()
-    capable = sum(1 for p in fleet.pods.values() if p.slots > 0)
-    totals = (sum(st.recent_rate for st in models.values()), sum(st.concurrency for st in models.values()))
-    return frozenset(m for m, st in models.items()
-                     if fleet.copies(m) > desired_copies(st, totals, capable, cfg, 1.0, capacity))
+    return best
 
 
 def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
@@ -153,34 +135,32 @@ def choose_pod(model: str, fleet: Fleet, models: Mapping[str, ModelState],
 
     Free slot first (the pod expecting the least work from the copies it holds, then the least
     loaded right now), else evict an idle copy (``victim``): for a cold miss the least
-    asked-for one across pods (a spare copy first: ``spare_copies``), for a scale-up one on the
-    pod expecting the least work. For a cold miss any idle copy may go (one loaded in the last
-    ``COLD_GRACE`` seconds only if nothing else can); for a scale-up only a copy older than ``minChurnAge`` whose demand
+    asked-for one across pods, for a scale-up one on the pod expecting the least work. For a
+    cold miss any idle copy may go (one loaded in the last ``COLD_GRACE`` seconds only if
+    nothing else can); for a scale-up only a copy older than ``minChurnAge`` whose demand
     per copy is ``evictionRatio`` times below the hot model's, and never one of a model in
     ``keep`` (``protected``: an extra copy must not push out a model still asked for).
     """
     st = models.get(model)
     hot = (st.recent_rate if st is not None else 0.0) / max(1, fleet.copies(model))
     best: tuple[tuple[float, ...], Load] | None = None
-    spare = spare_copies(fleet, models, cfg) if cold else frozenset()
     for ages in ((min(cfg.min_churn_age, COLD_GRACE), 0.0) if cold else (cfg.min_churn_age,)):
         for pod in fleet.pods.values():
             if (pod.slots <= 0 or pod.key in exclude or pod.serves(model) or pod.loading
                     or pod.busy(model)):
                 continue
             expected = pod_demand(pod, models, fleet)
-            key: tuple[float, ...]
             if pod.free_slots() > 0:
                 key = (0, expected, 0.0, pod.load, _tie(pod.key, model))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP)
             else:
-                v = victim(pod, fleet, models, catalogue, now, ages, frozenset() if cold else keep, spare)
+                v = victim(pod, fleet, models, catalogue, now, ages, frozenset() if cold else keep)
                 if v is None or (not cold and v[0] * cfg.eviction_ratio >= hot):
                     continue
                 # cold: the least asked-for copy anywhere (the least likely to be missed);
                 # scale-up: the pod expecting the least work, the new copy's must go where
                 # there is room
-                key = ((1, float(v[3] not in spare), v[0], v[1], expected, _tie(pod.key, model)) if cold
+                key = ((1, v[0], v[1], expected, _tie(pod.key, model)) if cold
                        else (1, expected - v[0], v[0], v[1], _tie(pod.key, model)))
                 load = Load(model, pod.key, COLD if cold else SCALE_UP, evict=v[3])
             if best is None or key < best[0]:

@@ -159,15 +159,3 @@ def test_a_cold_miss_evicts_the_rarest_copy_even_a_young_one() -> None:
     f.pods["p0"].adapters["a2"].inflight = 1
     assert choose_pod("a9", f, models, CATALOGUE, cfg, NOW, cold=True) == Load("a9", "p1", COLD, evict="a4")
 
-
-def test_a_cold_miss_evicts_a_spare_copy_before_a_rare_models_only_one() -> None:
-    """a1 holds two copies but its demand needs one: a cold miss takes one of those (a1 stays
-    served) rather than a3's only copy, however rarely a3 is asked for (it would miss next)."""
-    from epp.placement.policy import COLD, choose_pod
-
-    f = fleet({"p0": ["a1", "a2"], "p1": ["a1", "a3"]}, slots=2, capacity=4)
-    f.pods["p1"].adapters["a1"].last_used = 90.0
-    models = {"a1": model("a1", 2.0, 1.0), "a2": model("a2", 1.0, 0.5), "a3": model("a3", 0.05, 0.05)}
-    assert choose_pod("a9", f, models, CATALOGUE, CFG, NOW, cold=True) == Load("a9", "p1", COLD, evict="a1")
-    models["a1"] = model("a1", 6.0, 6.0)  # now it needs both copies: the rarest goes
-    assert choose_pod("a9", f, models, CATALOGUE, CFG, NOW, cold=True) == Load("a9", "p1", COLD, evict="a3")
