@@ -43,7 +43,7 @@ from epp.datalayer.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockS
 from epp.datalayer.kvevents.keys import block_keys, root_key
 from epp.datalayer.kvevents.owners import MAX_ENDPOINTS, OwnerTable
 from epp.datalayer.kvevents.recovery import OrphanRecovery
-from epp.datalayer.kvevents.table import U64Map
+from epp.datalayer.u64map import U64Map
 
 __all__ = ["DEFAULT_MEDIUM_WEIGHTS", "IndexStats", "KVBlockIndex", "block_keys", "root_key"]
 
@@ -396,17 +396,19 @@ class KVBlockIndex:
         guessed: dict[str, int] = {}  # endpoint → first position matched only speculatively
         end = len(keys)
         for pos, key in enumerate(keys):
-            k = key or 1
-            i = k & tmask
             v = 0
-            while True:
-                x = tkeys[i]
-                if x == k:
-                    v = tvals[i]
-                    break
-                if x == 0:
-                    break
-                i = (i + 1) & tmask
+            if key:  # the table probe, inlined (U64Map.get per block costs a call each)
+                i = key & tmask
+                while True:
+                    x = tkeys[i]
+                    if x == key:
+                        v = tvals[i]
+                        break
+                    if x == 0:
+                        break
+                    i = (i + 1) & tmask
+            else:
+                v = table.get(0) or 0
             spec = spec_get(key) if spec_map else None
             if not v:
                 if spec is None:

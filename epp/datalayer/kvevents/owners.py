@@ -10,7 +10,7 @@ tier masks use four bits (GPU, CPU and two more mediums).
 
 from __future__ import annotations
 
-from epp.datalayer.kvevents.table import U64Map
+from epp.datalayer.u64map import U64Map
 
 MAX_ENDPOINTS = 1 << 16
 

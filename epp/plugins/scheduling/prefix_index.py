@@ -18,8 +18,9 @@ Memory (``python -m benchmarks.prefix_index_memory``): 100 pods x 31,250 blocks 
 (block, pod) entries. With a dict of sets plus an ``OrderedDict`` LRU per pod that was ~423
 bytes per entry (1.3 GB). Here, with endpoints interned to small indices:
 
-* one open-addressing table (two flat arrays, ``uint64`` hash → ``int64``) maps a block to
-  its holders: ``(seq << 16) | endpoint`` when one endpoint holds it (the common case under
+* one ``U64Map`` (``epp/datalayer/u64map.py``, the precise index's table too: two flat arrays,
+  ``uint64`` hash → ``int64``) maps a block to its holders: ``(seq << 16) | endpoint``
+  when one endpoint holds it (the common case under
   prefix affinity), else a reference to a small ``array`` of (endpoint, seq) pairs and the
   holders' bitmask;
 * each endpoint's LRU is a log (an ``array`` of hashes, oldest first) of every time a block
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from xxhash import xxh64_intdigest
 
+from epp.datalayer.u64map import U64Map
 from epp.framework.datalayer import Endpoint
 from epp.framework.plugin import StateKey
 
@@ -94,7 +96,6 @@ _SEQ_SHIFT = 16
 _IDX_MASK = (1 << _SEQ_SHIFT) - 1
 #: endpoints the index can tell apart at once (interned indices are reused after removal)
 MAX_ENDPOINTS = 1 << _SEQ_SHIFT
-_MIN_CAPACITY = 1 << 10
 
 
 @dataclass(slots=True, eq=False)
@@ -118,13 +119,8 @@ class PrefixIndex:
     _pods: dict[str, _Pod] = field(default_factory=dict)
     _by_idx: list[_Pod | None] = field(default_factory=list)
     _free_idx: list[int] = field(default_factory=list)
-    # block hash -> holders (open addressing, linear probing; key 0 = empty slot, so a
-    # block hashed to 0 is held in ``_zero`` instead)
-    _keys: array[int] = field(default_factory=lambda: array("Q", bytes(8 * _MIN_CAPACITY)))
-    _vals: array[int] = field(default_factory=lambda: array("q", bytes(8 * _MIN_CAPACITY)))
-    _mask: int = _MIN_CAPACITY - 1
-    _used: int = 0
-    _zero: int | None = None
+    # block hash -> holders: ``(seq << 16) | idx`` for one holder, ``-(slot + 1)`` for several
+    _table: U64Map = field(default_factory=lambda: U64Map(1 << 10))
     # holders of blocks held by several endpoints: [idx, seq, idx, seq, ...], and the same
     # holders as a bitmask (bit idx) so that matching is a few integer operations per block
     _multi: list[array[int] | None] = field(default_factory=list)
@@ -152,29 +148,12 @@ class PrefixIndex:
         hashes = chain_hashes(text, seed, chars, max_blocks)
         return PrefixMatch(hashes, chars, self.match(hashes) if hashes else {})
 
-    def _get(self, h: int) -> int | None:
-        if h == 0:
-            return self._zero
-        keys = self._keys
-        mask = self._mask
-        i = h & mask
-        while True:
-            k = keys[i]
-            if k == h:
-                return int(self._vals[i])
-            if k == 0:
-                return None
-            i = (i + 1) & mask
-
     def _holders(self, v: int) -> list[int]:
         if v >= 0:
             return [v & _IDX_MASK]
         rec = self._multi[-v - 1]
         assert rec is not None
         return list(rec[0::2])
-
-    def _mask_of(self, v: int) -> int:
-        return 1 << (v & _IDX_MASK) if v >= 0 else self._multi_mask[-v - 1]
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Endpoint key → number of *consecutive* blocks it holds from the first one.
@@ -184,28 +163,11 @@ class PrefixIndex:
         endpoints still matching are a bitmask, so a block costs a table probe and an AND
         whether one endpoint holds it or a hundred.
         """
-        keys, vals, mask = self._keys, self._vals, self._mask
         multi_mask = self._multi_mask
         counts: dict[int, int] = {}
         alive = 0
         n = 0
-        v: int | None
-        for h in hashes:
-            if h:  # the table probe, inlined (this loop runs for every block of every request)
-                i = h & mask
-                while True:
-                    k = keys[i]
-                    if k == h:
-                        v = vals[i]
-                        break
-                    if k == 0:
-                        v = None
-                        break
-                    i = (i + 1) & mask
-            else:
-                v = self._zero
-            if v is None:
-                break
+        for v in self._table.leading(hashes):
             m = 1 << (v & _IDX_MASK) if v >= 0 else multi_mask[-v - 1]
             if n == 0:
                 alive = m
@@ -280,40 +242,20 @@ class PrefixIndex:
                 hashes = hashes[held:]
                 if not hashes:
                     return skipped
-        if (self._used + len(hashes)) * 4 > (self._mask + 1) * 3:  # room for all, one resize
-            cap = self._mask + 1
-            while (self._used + len(hashes)) * 4 > cap * 3:
-                cap *= 2
-            self._resize(cap)
-        keys, vals, mask = self._keys, self._vals, self._mask
         seq = pod.base + len(log)
         log.extend(reversed(hashes))
         added = 0
-        # _learn inlined for the common cases (a new block, a refresh of this endpoint's
-        # block): this loop runs for every block of every routed request
+        put = self._table.put
+        # one probe for the common cases (a new block, a refresh of this endpoint's block):
+        # this loop runs for every block of every routed request
         for h in reversed(hashes):
-            new = (seq << _SEQ_SHIFT) | idx
-            if h:
-                i = h & mask
-                while True:
-                    k = keys[i]
-                    if k == h:
-                        v = vals[i]
-                        if v >= 0 and v & _IDX_MASK == idx:
-                            vals[i] = new
-                        else:
-                            vals[i], fresh = self._merge(v, idx, seq)
-                            added += fresh
-                        break
-                    if k == 0:
-                        keys[i] = h
-                        vals[i] = new
-                        self._used += 1
-                        added += 1
-                        break
-                    i = (i + 1) & mask
-            elif self._learn(h, idx, seq):
+            v = put(h, (seq << _SEQ_SHIFT) | idx)
+            if v is None:
                 added += 1
+            elif v < 0 or v & _IDX_MASK != idx:  # other holders: put them back with this one
+                v, fresh = self._merge(v, idx, seq)
+                put(h, v)
+                added += fresh
             seq += 1
         pod.size += added
         cap = self.capacity(ep)
@@ -335,37 +277,6 @@ class PrefixIndex:
         if self.metrics is not None:
             self.metrics.prefix_indexer_size.set(self._size)
         return skipped
-
-    def _learn(self, h: int, idx: int, seq: int) -> bool:
-        """Set (h, idx)'s seq; True when the entry is new."""
-        new = (seq << _SEQ_SHIFT) | idx
-        if h == 0:
-            v = self._zero
-            if v is None:
-                self._zero = new
-                return True
-            self._zero, added = self._merge(v, idx, seq)
-            return added
-        keys = self._keys
-        mask = self._mask
-        i = h & mask
-        while True:
-            k = keys[i]
-            if k == h:
-                v = int(self._vals[i])
-                if v >= 0 and v & _IDX_MASK == idx:  # the common refresh
-                    self._vals[i] = new
-                    return False
-                self._vals[i], added = self._merge(v, idx, seq)
-                return added
-            if k == 0:
-                keys[i] = h
-                self._vals[i] = new
-                self._used += 1
-                if self._used * 4 > (mask + 1) * 3:
-                    self._resize((mask + 1) * 2)
-                return True
-            i = (i + 1) & mask
 
     def _merge(self, v: int, idx: int, seq: int) -> tuple[int, bool]:
         """Holders value ``v`` with (idx, seq) set; (new value, whether idx is new)."""
@@ -398,7 +309,7 @@ class PrefixIndex:
 
     def _seq_of(self, h: int, idx: int) -> int | None:
         """Log position of (h, idx)'s latest learning, None when idx does not hold h."""
-        v = self._get(h)
+        v = self._table.get(h)
         if v is None:
             return None
         if v >= 0:
@@ -411,27 +322,18 @@ class PrefixIndex:
         return None
 
     def _is_current(self, h: int, idx: int, seq: int) -> bool:
-        v = self._get(h)
-        if v is None:
-            return False
-        if v >= 0:
-            return v == (seq << _SEQ_SHIFT) | idx
-        rec = self._multi[-v - 1]
-        assert rec is not None
-        for j in range(0, len(rec), 2):
-            if rec[j] == idx:
-                return rec[j + 1] == seq
-        return False
+        """Whether log entry ``seq`` is (h, idx)'s latest learning (not a stale duplicate)."""
+        return self._seq_of(h, idx) == seq
 
     def _forget(self, h: int, idx: int, seq: int) -> bool:
         """Drop (h, idx) when its latest log entry is ``seq``; True when dropped."""
-        v = self._get(h)
+        v = self._table.get(h)
         if v is None:
             return False
         if v >= 0:
             if v != (seq << _SEQ_SHIFT) | idx:
                 return False
-            self._delete(h)
+            self._table.pop(h)
             return True
         slot = -v - 1
         rec = self._multi[slot]
@@ -443,63 +345,12 @@ class PrefixIndex:
                 del rec[j: j + 2]
                 self._multi_mask[slot] &= ~(1 << idx)
                 if len(rec) == 2:  # one holder left: back to the inline form
-                    self._set(h, (rec[1] << _SEQ_SHIFT) | rec[0])
+                    self._table.put(h, (rec[1] << _SEQ_SHIFT) | rec[0])
                     self._multi[slot] = None
                     self._multi_mask[slot] = 0
                     self._free_multi.append(slot)
                 return True
         return False
-
-    def _set(self, h: int, value: int) -> None:
-        """Overwrite the value of a present key."""
-        if h == 0:
-            self._zero = value
-            return
-        keys = self._keys
-        mask = self._mask
-        i = h & mask
-        while keys[i] != h:
-            i = (i + 1) & mask
-        self._vals[i] = value
-
-    def _delete(self, h: int) -> None:
-        if h == 0:
-            self._zero = None
-            return
-        keys, vals, mask = self._keys, self._vals, self._mask
-        i = h & mask
-        while keys[i] != h:
-            i = (i + 1) & mask
-        # backward-shift deletion: later members of the probe run move into the hole when
-        # their home slot is not between the hole and their slot (no tombstones)
-        j = i
-        while True:
-            j = (j + 1) & mask
-            k = keys[j]
-            if k == 0:
-                break
-            home = k & mask
-            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
-                keys[i] = k
-                vals[i] = vals[j]
-                i = j
-        keys[i] = 0
-        vals[i] = 0
-        self._used -= 1
-
-    def _resize(self, cap: int) -> None:
-        old_keys, old_vals = self._keys, self._vals
-        cap = max(cap, _MIN_CAPACITY)
-        keys = self._keys = array("Q", bytes(8 * cap))
-        vals = self._vals = array("q", bytes(8 * cap))
-        mask = self._mask = cap - 1
-        for n, k in enumerate(old_keys):
-            if k:
-                i = k & mask
-                while keys[i]:
-                    i = (i + 1) & mask
-                keys[i] = k
-                vals[i] = old_vals[n]
 
     def _compact(self, pod: _Pod) -> None:
         """Rewrite ``pod``'s log with its live entries only (stale duplicates outnumbered
@@ -512,10 +363,10 @@ class PrefixIndex:
             if self._is_current(h, idx, pod.base + p):
                 seq = new_base + len(live)
                 live.append(h)
-                v = self._get(h)
+                v = self._table.get(h)
                 assert v is not None
                 if v >= 0:
-                    self._set(h, (seq << _SEQ_SHIFT) | idx)
+                    self._table.put(h, (seq << _SEQ_SHIFT) | idx)
                 else:
                     self._merge(v, idx, seq)
         pod.log, pod.base, pod.head = live, new_base, 0
@@ -550,7 +401,7 @@ class PrefixIndex:
         return list(self._pods)
 
     def holders(self, h: int) -> frozenset[str]:
-        v = self._get(h)
+        v = self._table.get(h)
         if v is None:
             return frozenset()
         by_idx = self._by_idx
@@ -566,7 +417,7 @@ class PrefixIndex:
 
     def nbytes(self) -> int:
         """Bytes held by the index's arrays (tables, logs, multi-holder records)."""
-        total = self._keys.itemsize * len(self._keys) + self._vals.itemsize * len(self._vals)
+        total = self._table.nbytes()
         total += sum(p.log.itemsize * len(p.log) for p in self._pods.values())
         total += sum(r.itemsize * len(r) for r in self._multi if r is not None)
         return total + sum((m.bit_length() + 7) // 8 for m in self._multi_mask)
