@@ -19,10 +19,12 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "usage"
 
 
 class FakeStore:
-    """Serves /api/v1/query with recorded answers (by series name) and remembers the queries."""
+    """Serves /api/v1/query with recorded answers (by series name) and remembers the queries;
+    with ``token``, only to ``Authorization: Bearer <token>`` (401 without one, 403 otherwise)."""
 
-    def __init__(self, answers: dict[str, bytes], status: int = 200) -> None:
+    def __init__(self, answers: dict[str, bytes], status: int = 200, token: str | None = None) -> None:
         self.queries: list[dict[str, str]] = []
+        self.auth_seen: list[str | None] = []
         store = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,7 +35,13 @@ class FakeStore:
                 body = next((v for k, v in answers.items() if k in params.get("query", "")), b"{}")
                 if url.path == "/metrics":
                     body = answers["/metrics"]
-                self.send_response(status)
+                code = status
+                if token is not None:
+                    auth = self.headers.get("Authorization")
+                    store.auth_seen.append(auth)
+                    if auth != f"Bearer {token}":
+                        code, body = (401, b"Unauthorized") if auth is None else (403, b"Forbidden")
+                self.send_response(code)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
@@ -144,50 +152,21 @@ def test_a_pickers_own_counters(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.splitlines()[1:] == ["dept-a,basic,10,2,1000,0,250,1250,100.0,0.500"]
 
 
-class GuardedMetrics:
-    """A picker's /metrics behind bearer auth: 401 without the token, 403 with a wrong one."""
-
-    def __init__(self, token: str, page: bytes) -> None:
-        self.seen: list[str | None] = []
-        guard = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                auth = self.headers.get("Authorization")
-                guard.seen.append(auth)
-                status, body = (200, page) if auth == f"Bearer {token}" else (
-                    (401, b"Unauthorized") if auth is None else (403, b"Forbidden"))
-                self.send_response(status)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_pickers_metrics_behind_auth_need_the_token_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    srv = GuardedMetrics("s3cret", PICKER_PAGE)
+    srv = FakeStore({"/metrics": PICKER_PAGE}, token="s3cret")
+    url = f"{srv.url}/metrics"
     try:
-        code, _, err = _run(["--metrics", srv.url], capsys)
+        code, _, err = _run(["--metrics", url], capsys)
         assert code == 2 and "HTTP 401" in err and "--bearer-token-file" in err
         wrong = tmp_path / "wrong"
         wrong.write_text("nope\n")
-        code, _, err = _run(["--metrics", srv.url, "--bearer-token-file", str(wrong)], capsys)
+        code, _, err = _run(["--metrics", url, "--bearer-token-file", str(wrong)], capsys)
         assert code == 2 and "HTTP 403" in err and "refused" in err
         good = tmp_path / "token"
         good.write_text("s3cret\n")  # service-account token files end without one; either works
-        code, out, _ = _run(["--metrics", srv.url, "--bearer-token-file", str(good)], capsys)
+        code, out, _ = _run(["--metrics", url, "--bearer-token-file", str(good)], capsys)
         assert code == 0 and "dept-a" in out, out
-        assert srv.seen[-1] == "Bearer s3cret"
+        assert srv.auth_seen[-1] == "Bearer s3cret"
     finally:
         srv.close()
 
