@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 
 from epp.envoy.bootstrap import EnvoySpec, bootstrap_dict
-from epp.local.topology import HOST, ManagedProcess, Topology, envoy_binary, free_port_block, http_ok
+from epp.local.topology import HOST, ManagedProcess, Topology, envoy_binary, envoy_stats, free_port_block, http_ok
 
 MODEL = "sim-model"
 OUT = Path("benchmarks/out")
@@ -131,14 +131,6 @@ def _start_envoy(topo: Topology, spec: EnvoySpec, previous: bool = False) -> Non
                ready=lambda: http_ok(f"http://{admin[0]}:{admin[1]}/ready", expect=b"LIVE"))
 
 
-def _envoy_stats(admin: int, prefix: str) -> dict[str, int]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{HOST}:{admin}/stats?filter={prefix}", timeout=5) as r:
-        lines = r.read().decode().splitlines()
-    return {k.strip(): int(v) for k, v in (ln.split(":", 1) for ln in lines) if v.strip().isdigit()}
-
-
 # --------------------------------------------------------------------------- pod kill
 def pod_kill(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with Topology(workdir) as topo:
@@ -165,7 +157,7 @@ def pod_kill(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             return killed
 
         killed = asyncio.run(run())
-        stats = _envoy_stats(listen + 1, "cluster.pool.upstream_rq_retry")
+        stats = envoy_stats(listen + 1, "cluster.pool.upstream_rq_retry")
     vport = str(base + victim)
     failed = [r for r in load.recs if not r.ok]
     running = [r for r in failed if r.start < killed and r.port == vport and r.status == 200]

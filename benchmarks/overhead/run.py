@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,16 @@ import aiohttp
 import orjson
 
 from epp.envoy.bootstrap import EnvoySpec
-from epp.local.topology import HOST, ManagedProcess, Topology, free_port_block, grpc_serving, http_ok, tcp_open
+from epp.local.topology import (
+    HOST,
+    ManagedProcess,
+    Topology,
+    ext_proc_messages,
+    free_port_block,
+    grpc_serving,
+    http_ok,
+    tcp_open,
+)
 
 PROMPT = "The city council asks: " + "word " * 40
 
@@ -145,18 +153,6 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick
         stack += _children(p)
-    return total
-
-
-def ext_proc_messages(admin: int) -> float:
-    """Messages Envoy sent to plus received from every ext_proc filter so far."""
-    with urllib.request.urlopen(f"http://{HOST}:{admin}/stats?filter=ext_proc", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if name.endswith(".stream_msgs_sent") or name.endswith(".stream_msgs_received"):
-            total += float(value)
     return total
 
 

@@ -91,6 +91,24 @@ def http_ok(url: str, timeout: float = 1.0, expect: bytes | None = None) -> bool
         return False
 
 
+def envoy_stats(admin: int, prefix: str, host: str = HOST) -> dict[str, float]:
+    """Envoy's counters and gauges whose names match ``prefix`` (its admin ``/stats?filter=``)."""
+    with urllib.request.urlopen(f"http://{host}:{admin}/stats?filter={prefix}", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    out: dict[str, float] = {}
+    for line in lines:
+        name, _, value = line.partition(": ")
+        with contextlib.suppress(ValueError):
+            out[name.strip()] = float(value)
+    return out
+
+
+def ext_proc_messages(admin: int, host: str = HOST) -> float:
+    """Messages Envoy sent to plus received from every ext_proc filter so far."""
+    return sum(v for k, v in envoy_stats(admin, "ext_proc", host).items()
+               if k.endswith((".stream_msgs_sent", ".stream_msgs_received")))
+
+
 def grpc_serving(host: str, port: int, service: str = "readiness", timeout: float = 1.0) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -38,7 +38,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp.envoy.bootstrap import EnvoySpec
 from epp.handlers import messages as msgs
-from epp.local.topology import HOST, Topology, free_port_block
+from epp.local.topology import HOST, Topology, ext_proc_messages, free_port_block
 from tests.promtext import scrape
 from tests.waiting import eventually
 
@@ -240,19 +240,6 @@ def _running(metrics_port: int) -> float:
     return sum(v for _, v in scrape(metrics_port).get("inference_objective_running_requests", []))
 
 
-def _ext_proc_messages(admin: int) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{HOST}:{admin}/stats?filter=ext_proc", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if name.endswith(".stream_msgs_sent") or name.endswith(".stream_msgs_received"):
-            total += float(value)
-    return total
-
-
 async def test_in_flight_released_at_the_end_of_a_streamed_response_and_served_endpoint_reported(
         default_mode: tuple[int, dict[str, int]]) -> None:
     port, picker = default_mode
@@ -308,7 +295,7 @@ async def test_a_stream_that_needs_nothing_costs_the_same_messages_whatever_its_
     admin = port + 1  # Cluster.envoy puts the admin port right after the listener
 
     async def messages_for(tokens: int, **extra: Any) -> float:
-        before = await asyncio.to_thread(_ext_proc_messages, admin)
+        before = await asyncio.to_thread(ext_proc_messages, admin)
         body = {"model": MODEL, "prompt": "count slowly", "max_tokens": tokens, "stream": True, "ignore_eos": True,
                 **extra}
         async with aiohttp.ClientSession() as s, s.post(
@@ -322,7 +309,7 @@ async def test_a_stream_that_needs_nothing_costs_the_same_messages_whatever_its_
         deadline = time.monotonic() + 5
         last = -1.0
         while time.monotonic() < deadline:
-            now = await asyncio.to_thread(_ext_proc_messages, admin)
+            now = await asyncio.to_thread(ext_proc_messages, admin)
             if now == last:
                 break
             last = now
