@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import repeat
 from operator import attrgetter
 from typing import Self
@@ -43,6 +44,12 @@ DEFAULT_COLD_AFFINITY = 0.5
 ANCHOR_BLOCKS = 8
 _MIX = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
+
+
+@lru_cache(maxsize=65_536)
+def _key_hash(key: str) -> int:
+    """An endpoint's rendezvous identity (its key hashed once, not per request)."""
+    return xxh64_intdigest(key.encode())
 
 
 def _workers() -> int:
@@ -163,7 +170,6 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self.index = index if index is not None else PrefixIndex()
         self.cold_affinity = cold_affinity
         self.peers = peers
-        self._key_hashes: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, name: str, params: BaseModel, ctx: PluginContext) -> Self:
@@ -187,15 +193,9 @@ class PrefixCacheScorer(Scorer, PreRequest):
     def _rendezvous(self, anchor: int, endpoints: Sequence[Endpoint]) -> int:
         """Index of the endpoint rendezvous hashing gives ``anchor`` (highest mixed weight):
         the same for every picker process, whatever order the endpoints come in."""
-        cache = self._key_hashes
-        if len(cache) > 65_536:
-            cache.clear()
         best, best_w = 0, -1
         for i, ep in enumerate(endpoints):
-            kh = cache.get(ep.key)
-            if kh is None:
-                kh = cache[ep.key] = xxh64_intdigest(ep.key.encode())
-            w = ((kh ^ anchor) * _MIX) & _U64
+            w = ((_key_hash(ep.key) ^ anchor) * _MIX) & _U64
             w ^= w >> 29
             if w > best_w:
                 best, best_w = i, w
