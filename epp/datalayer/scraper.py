@@ -182,7 +182,6 @@ class MetricsScraper:
         timeout: float = 1.0,
         metrics: EppMetrics | None = None,
         max_backoff: float = 1.0,
-        max_connections_per_host: int = 2,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
@@ -194,8 +193,6 @@ class MetricsScraper:
         self.source = source
         self.metrics = metrics
         self.max_backoff = max(max_backoff, interval)
-        #: kept for compatibility: each collector holds exactly one connection to its pod
-        self.max_connections_per_host = max_connections_per_host
         self.parsers = ParserSet(extractor.engine_overrides(), default_engine=extractor.default_engine,
                                  engine_label_key=extractor.engine_label_key)
         self._collectors: dict[str, _Collector] = {}  # owned by the scraper loop
