@@ -50,22 +50,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.plugins.scheduling.prefix_cache import WORKER_COUNT_ENV
-from epp.plugins.scheduling.prefix_sharing import WORKER_DIR_ENV, WORKER_INDEX_ENV
+from epp.plugins.scheduling.prefix_sharing import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_INDEX_ENV
 
 log = logging.getLogger("epp.serve")
 
 #: environment a worker gets: where to report its bound ports once started (and, in
 #: ``WORKER_COUNT_ENV``, how many workers there are: the prefix scorer's default cold affinity)
 WORKER_REPORT_ENV = "EPP_WORKER_REPORT"
-
-
-def worker_count() -> int:
-    """How many workers this process is one of (1 outside ``--workers``)."""
-    try:
-        return max(1, int(os.environ.get(WORKER_COUNT_ENV, "1")))
-    except ValueError:
-        return 1
 
 
 def report_started(bound_ports: dict[str, int]) -> None:

@@ -11,7 +11,6 @@ with the same prefix, even one arriving a microsecond later in a burst, already 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,16 +26,13 @@ from epp.framework.plugin import Plugin, PluginContext, PluginParams, StateKey
 from epp.framework.requestcontrol import PreRequest
 from epp.framework.scheduling import LLMRequest, SchedulingResult, Scorer
 from epp.plugins.scheduling.prefix_index import PrefixIndex, PrefixIndexConfig, PrefixMatch
-from epp.plugins.scheduling.prefix_sharing import PrefixPeers
+from epp.plugins.scheduling.prefix_sharing import PrefixPeers, worker_count
 from epp.plugins.scheduling.scoring import scaled
 
 SHARED_KEY: StateKey[_SharedIndex] = StateKey("approx-prefix-cache-index")
 #: profile whose first endpoint also learns the prefix (P/D: the prefill pod holds it too)
 PREFILL_PROFILE = "prefill"
 _KEY = attrgetter("key")
-#: set by ``epp serve --workers N`` in each worker's environment (N): several processes share
-#: one pod's traffic, each with its own index
-WORKER_COUNT_ENV = "EPP_WORKER_COUNT"
 #: coldPrefixAffinity when not configured and the picker runs several workers
 DEFAULT_COLD_AFFINITY = 0.5
 #: the block whose hash places a cold prefix: requests sharing this many blocks (~128
@@ -50,13 +46,6 @@ _U64 = (1 << 64) - 1
 def _key_hash(key: str) -> int:
     """An endpoint's rendezvous identity (its key hashed once, not per request)."""
     return xxh64_intdigest(key.encode())
-
-
-def _workers() -> int:
-    try:
-        return max(1, int(os.environ.get(WORKER_COUNT_ENV, "1")))
-    except ValueError:
-        return 1
 
 
 class PrefixIndexParams(PluginParams):
@@ -120,7 +109,7 @@ def shared_index(ctx: PluginContext, params: PrefixIndexParams, plugin_name: str
         index = PrefixIndex(config, ctx.metrics)
         ctx.datastore.add_listener(index.on_endpoints_changed)
         ctx.state.set(SHARED_KEY, _SharedIndex(index, plugin_name if params.is_explicit() else None,
-                                               PrefixPeers.from_env(index, ctx.datastore, _workers())))
+                                               PrefixPeers.from_env(index, ctx.datastore, worker_count())))
         return index
     if params.is_explicit():
         if entry.owner is None:
@@ -176,7 +165,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         assert isinstance(params, PrefixIndexParams)
         cold = params.cold_prefix_affinity
         if cold is None:
-            cold = DEFAULT_COLD_AFFINITY if _workers() > 1 else 0.0
+            cold = DEFAULT_COLD_AFFINITY if worker_count() > 1 else 0.0
         index = shared_index(ctx, params, name)
         entry = ctx.state.get(SHARED_KEY)
         return cls(name, index, cold, entry.peers if entry is not None else None)

@@ -35,7 +35,18 @@ log = logging.getLogger(__name__)
 #: every worker's socket (``worker-<index>.sock``)
 WORKER_INDEX_ENV = "EPP_WORKER_INDEX"
 WORKER_DIR_ENV = "EPP_WORKER_DIR"
+#: and how many workers there are (N): several processes share one pod's traffic, each with
+#: its own index
+WORKER_COUNT_ENV = "EPP_WORKER_COUNT"
 _MAX_BATCH = 64
+
+
+def worker_count() -> int:
+    """How many workers this process is one of (1 outside ``--workers``)."""
+    try:
+        return max(1, int(os.environ.get(WORKER_COUNT_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 class PrefixPeers:
